@@ -1,0 +1,44 @@
+"""``jepa pretrain``: train a recipe; the run directory holds everything it produces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain)
+
+
+def pretrain(
+    recipe: Annotated[str, typer.Argument(help="Recipe path or installed recipe name (`jepa recipe list`).")],
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a.b=value (TOML literal).")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default runs/<run.name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
+    allow_changes: Annotated[str, typer.Option("--allow-changes", help="With --resume: recipe fields allowed to differ, comma-separated.")] = "",
+    init: Annotated[str | None, typer.Option("--init", help="Initialise the networks from this checkpoint.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+) -> None:
+    """Pretrain a JEPA from a recipe."""
+    from ..api import run_pretrain
+    from . import err_console
+
+    sets = list(overrides or [])
+    if init:
+        sets.append(f"model.init={json.dumps(str(Path(init).resolve()))}")
+    allowed = tuple(a.strip() for a in allow_changes.split(",") if a.strip())
+    summary = run_pretrain(recipe, run_dir=run_dir, resume=resume, overrides=sets, allow_changes=allowed,
+                           console=err_console)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    skipped = summary["skipped"]
+    err_console.print(
+        f"done: {summary['steps'] - summary['start_step']} steps in {summary['seconds']:.0f} s on {summary['device']} "
+        f"({summary['precision']}); loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}", highlight=False)
+    if skipped:
+        err_console.print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())), highlight=False)
+    print(f"checkpoint: {summary['checkpoint']}")

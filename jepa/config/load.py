@@ -1,0 +1,259 @@
+"""Loading a recipe: TOML -> overrides -> ${VAR} expansion -> pass one (core) -> pass two (components).
+
+Every problem becomes one ``section.field: message`` line, with a did-you-mean where it helps.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+from pydantic import BaseModel, ValidationError
+
+from ..components import ComponentConfig
+from ..errors import RecipeError
+from ..registry import KNOWN_PLUGINS, Entry
+from .schema import COMPONENT_SECTIONS, Recipe
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# --------------------------------------------------------------------------- locating recipes
+def recipes_dir() -> Path:
+    """The folder of recipes installed with the package (``recipes/`` in a checkout)."""
+    return Path(str(resources.files("jepa_recipes")))
+
+
+def list_recipes() -> list[Path]:
+    return sorted(recipes_dir().glob("*.toml"))
+
+
+def find_recipe(spec: str | os.PathLike) -> Path:
+    """A recipe path, or the name of an installed recipe (``image_vith14`` or ``image_vith14.toml``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    if path.parent == Path(".") and (recipes_dir() / name).is_file():
+        return recipes_dir() / name
+    names = [p.stem for p in list_recipes()]
+    close = difflib.get_close_matches(path.stem, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; installed recipes: {', '.join(names)}"
+    raise RecipeError(f"recipe: no such file or installed recipe '{spec}'{hint}")
+
+
+# --------------------------------------------------------------------------- overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=v`` -> (["a", "b"], v) with ``v`` parsed as a TOML literal (bare words stay strings)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"--set {text}: expected section.field=value, e.g. --set optim.lr=1e-3")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.split("."), parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {text}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def expand_vars(value: Any) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; unset variables stay as written."""
+    if isinstance(value, dict):
+        return {k: expand_vars(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_vars(v) for v in value]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            env = os.environ.get(m.group(1))
+            if env is not None:
+                return env
+            return m.group(2) if m.group(2) is not None else m.group(0)
+        return _VAR.sub(sub, value)
+    return value
+
+
+def unexpanded_var(value: str) -> str | None:
+    m = _VAR.search(value)
+    return m.group(1) if m else None
+
+
+def resolve_data_spec(spec: str, base: Path) -> str:
+    """Resolve each ``::``-joined part of a DATA spec against ``base`` unless absolute or a URL."""
+    parts = []
+    for part in spec.split("::"):
+        if "://" in part or part.startswith("pipe:") or Path(part).is_absolute() or _VAR.search(part):
+            parts.append(part)
+        else:
+            parts.append(str((base / part).resolve()) if not part.startswith("~") else str(Path(part).expanduser()))
+    return "::".join(parts)
+
+
+# --------------------------------------------------------------------------- error rendering
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            sub = _submodel(arg)
+            if sub is not None:
+                return sub
+    return None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sub = _submodel(field.annotation) if field else None
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def render_errors(err: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[str]:
+    """One ``section.field: message`` line per pydantic error, with a did-you-mean where possible."""
+    lines: list[str] = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in prefix + loc) or "recipe"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            fields = [f for f in _fields_at(model, loc[:-1]) if f != "name" or prefix]
+            close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+            msg = f"unknown field; did you mean '{close[0]}'?" if close else \
+                f"unknown field; valid fields: {', '.join(fields) or 'none'}"
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "literal_error":
+            expected = re.findall(r"'([^']*)'", e["ctx"].get("expected", ""))
+            close = difflib.get_close_matches(str(e["input"]), expected, n=1)
+            msg = f"{e['msg']} (got {e['input']!r})" + (f"; did you mean '{close[0]}'?" if close else "")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if not isinstance(e.get("input"), (dict, list)) and kind not in ("value_error", "assertion_error"):
+                msg += f" (got {e['input']!r})"
+        line = f"{where}: {msg}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+# --------------------------------------------------------------------------- the resolved recipe
+@dataclass
+class Resolved:
+    """A validated recipe: the core sections plus each component's class and validated config."""
+
+    recipe: Recipe
+    components: dict[str, tuple[Entry, ComponentConfig]]
+    path: Path | None = None
+
+    def component(self, kind: str) -> tuple[type, ComponentConfig]:
+        entry, cfg = self.components[kind]
+        return entry.cls, cfg
+
+    def to_dict(self) -> dict:
+        """Every setting, defaults filled in, unset optional values omitted (TOML has no null)."""
+        out = self.recipe.model_dump(mode="json", exclude_none=True)
+        for kind, (entry, cfg) in self.components.items():
+            out[kind] = {"name": f"{entry.plugin}.{entry.name}", **cfg.model_dump(mode="json", exclude_none=True)}
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(data: dict, registry, plugin_names: set[str], base: Path | None = None,
+             path: Path | None = None) -> Resolved:
+    """Validate a recipe dict in two passes. Raises RecipeError listing every problem."""
+    data = expand_vars(data)
+    # Pass one: core sections, components only by name.
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(render_errors(e, Recipe)) from None
+    problems = []
+    for plugin in recipe.requires:
+        if plugin not in plugin_names:
+            hint = KNOWN_PLUGINS.get(plugin, {}).get("install", f"install the distribution that provides '{plugin}'")
+            problems.append(f"requires: plugin '{plugin}' is not installed or is disabled; install it with `{hint}`")
+    if problems:
+        raise RecipeError(problems)
+    if base is not None and recipe.data.train:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
+            update={"train": resolve_data_spec(recipe.data.train, base)})})
+    if base is not None and recipe.model.init and not Path(recipe.model.init).is_absolute():
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"init": str((base / recipe.model.init).resolve())})})
+    # Pass two: each component's own Config gets only its own section.
+    components: dict[str, tuple[Entry, ComponentConfig]] = {}
+    for kind in COMPONENT_SECTIONS:
+        section = getattr(recipe, kind)
+        try:
+            entry = registry.get(kind, section.name, field_path=f"{kind}.name")
+        except RecipeError as e:
+            problems.extend(e.problems)
+            continue
+        try:
+            components[kind] = (entry, entry.cls.Config.model_validate(section.model_extra or {}))
+        except ValidationError as e:
+            problems.extend(render_errors(e, entry.cls.Config, (kind,)))
+    if problems:
+        raise RecipeError(problems)
+    return Resolved(recipe, components, path)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(spec: str | os.PathLike | dict, overrides: list[str] | None = None, plugins=None,
+                extra: dict | None = None) -> Resolved:
+    """Load, override and validate a recipe given as a path, an installed name, or a dict.
+
+    ``extra`` merges section dicts (``{"train": {"steps": 10}}``) before the ``--set`` overrides.
+    """
+    from ..plugins import get_plugins
+
+    plugins = plugins or get_plugins()
+    if isinstance(spec, dict):
+        data, path, base = spec, None, Path.cwd()
+    else:
+        path = find_recipe(spec)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path.name}: not valid TOML: {e}") from None
+        base = path.resolve().parent
+    data = apply_overrides(deep_merge(data, extra or {}), overrides or [])
+    return validate(data, plugins.registry, set(plugins.infos), base, path)

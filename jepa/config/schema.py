@@ -1,0 +1,179 @@
+"""The recipe schema: core sections, validated in pass one.
+
+Component sections (``tokenizer``, ``masker``, ``source``) carry a ``name`` plus the component's
+own settings; those settings are validated in pass two against the component's ``Config``.
+Every field has a default except what only the user can know (the data path, the length of training).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    """Identity and placement of a run."""
+
+    name: str = Field("jepa", description="Run name, used for the default run directory `runs/<name>`.")
+    seed: int = Field(0, description="Seeds weights, crops and masks. Masks and crops depend on (seed, epoch, sample index) only.")
+    device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cpu`, `cuda` or `cuda:N`.")
+
+
+class ModelConfig(Section):
+    """Context encoder (ViT trunk over the tokenizer's tokens), EMA target encoder and predictor."""
+
+    size: Literal["vit_test", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"] = Field(
+        "vit_tiny", description="Preset width/depth/heads; the explicit fields below override it.")
+    embed_dim: int | None = Field(None, gt=0, description="Encoder width (overrides `size`).")
+    depth: int | None = Field(None, gt=0, description="Encoder depth (overrides `size`).")
+    num_heads: int | None = Field(None, gt=0, description="Encoder attention heads (overrides `size`).")
+    mlp_ratio: float | None = Field(None, gt=0, description="MLP hidden width / embed_dim (overrides `size`).")
+    qkv_bias: bool = Field(True, description="Bias on the q, k, v projections (the reference uses it).")
+    attention: Literal["auto", "sdpa", "math"] = Field(
+        "auto", description="Attention kernel: fused SDPA or plain matmul-softmax. `auto` picks the faster one "
+        "measured for the device and precision (SDPA on CUDA and CPU fp32, math on CPU bf16).")
+    predictor_embed_dim: int | None = Field(None, gt=0, description="Predictor width (default by size: 384 from base up).")
+    predictor_depth: int | None = Field(None, gt=0, description="Predictor depth (default by size: B 6, L/H 12, G 16).")
+    predictor_num_heads: int | None = Field(None, gt=0, description="Predictor heads (default: the encoder's).")
+    init: str | None = Field(None, description="Checkpoint to initialise all three networks from (continue pretraining).")
+
+
+class ComponentSection(BaseModel):
+    """`name` selects a registered component; every other key is that component's own setting."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(description="Registered name, or `plugin.name` to be explicit.")
+
+
+class DataConfig(Section):
+    """Where samples come from and how they are batched."""
+
+    train: str | None = Field(None, description="Training DATA: shard path, brace pattern, several joined with `::`, "
+                              "a folder of `.tar` shards, or an image folder. Relative to the recipe's folder.")
+    batch_size: int = Field(64, gt=0, description="GLOBAL batch size: per device = batch_size / (world size x grad_accum).")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (decoding, cropping and masking run there).")
+    num_samples: int | None = Field(None, gt=0, description="Dataset size, for converting `epochs` to steps without reading the data.")
+    mask_collate: Literal["pad", "truncate"] = Field(
+        "pad", description="`pad`: every sample keeps its own context and targets (padding + attention mask). "
+        "`truncate`: the reference code's behaviour, cut every context/target to the shortest in the per-device batch.")
+    shuffle: bool = Field(True, description="Shuffle samples every epoch (a seeded permutation).")
+
+
+class OptimConfig(Section):
+    """AdamW; biases and 1-D parameters (norms, mask token) get no weight decay."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, ge=0, description="Peak learning rate, reached at the end of warm-up.")
+    start_lr: float = Field(2e-4, ge=0, description="Learning rate at step 0 (linear warm-up to `lr`).")
+    final_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine decay.")
+    weight_decay: float = Field(0.04, ge=0, description="Weight decay at step 0.")
+    final_weight_decay: float = Field(0.4, ge=0, description="Weight decay at the end (cosine-shaped ramp, as in the reference code).")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+
+
+class ScheduleConfig(Section):
+    """Learning-rate, weight-decay and EMA schedules: pure functions of the global step."""
+
+    warmup_steps: int | None = Field(None, ge=0, description="Linear learning-rate warm-up length in steps.")
+    warmup_epochs: float | None = Field(None, ge=0, description="Warm-up in epochs (needs the dataset size).")
+    horizon_scale: float = Field(1.0, ge=1.0, description="Stretch the decay schedules over this multiple of the training "
+                                 "length (the reference code uses 1.25, so lr/wd/EMA never reach their final values).")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("give warmup_steps or warmup_epochs, not both")
+        return self
+
+
+class EMAConfig(Section):
+    """Target encoder = exponential moving average of the context encoder."""
+
+    momentum: float = Field(0.996, ge=0, le=1, description="EMA momentum at step 0.")
+    final_momentum: float = Field(1.0, ge=0, le=1, description="EMA momentum at the end (linear ramp).")
+
+
+class LossConfig(Section):
+    """Regression loss between predictions and target features."""
+
+    kind: Literal["l2", "smooth_l1", "lp"] = Field(
+        "l2", description="`l2`: mean squared error (the paper). `smooth_l1`: the reference code (beta 1; equals half "
+        "the L2 loss while errors are below beta). `lp`: mean |error|^p.")
+    p: float = Field(2.0, gt=0, description="Exponent for `kind = \"lp\"`.")
+    beta: float = Field(1.0, gt=0, description="Transition point of smooth-L1.")
+    target_norm: bool = Field(True, description="Layer-normalise target features (no affine) before the loss, as the reference does.")
+
+
+class TrainConfig(Section):
+    """Length, precision and step mechanics."""
+
+    steps: int | None = Field(None, gt=0, description="Total optimizer steps.")
+    epochs: float | None = Field(None, gt=0, description="Convenience: total length in epochs (converted to steps).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`bf16` autocast (weights stay fp32) on CPU or CUDA; `auto` = bf16 where the hardware "
+        "has fast bf16 matrix units, else fp32.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    compile: bool = Field(False, description="Wrap the networks in torch.compile.")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+
+class CheckpointConfig(Section):
+    """Atomic checkpoints under `RUN/checkpoints/`."""
+
+    every_steps: int = Field(1000, gt=0, description="Write a checkpoint every N steps (and at the end).")
+    keep_last: int = Field(3, ge=1, description="How many checkpoints to keep.")
+
+
+class DistConfig(Section):
+    """Distribution is applied from outside (torchrun); these are estimates for `recipe check`."""
+
+    world_size: int = Field(1, ge=1, description="Devices assumed by `jepa recipe check` (torchrun sets the real one).")
+
+
+class LogConfig(Section):
+    """Console, `metrics.jsonl` and TensorBoard."""
+
+    every_steps: int = Field(10, gt=0, description="Log (and synchronise with the device) every N steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events under `RUN/tb/`.")
+    progress: bool = Field(True, description="Show a Rich progress bar.")
+
+
+COMPONENT_SECTIONS = ("tokenizer", "masker", "source")
+
+
+class Recipe(Section):
+    """A whole recipe. `requires` lists plugins the recipe needs (for a clear install hint)."""
+
+    requires: list[str] = Field(default_factory=list)
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    tokenizer: ComponentSection
+    masker: ComponentSection
+    source: ComponentSection
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    ema: EMAConfig = EMAConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    dist: DistConfig = DistConfig()
+    log: LogConfig = LogConfig()
+
+
+def _submodel_names() -> dict[str, type[BaseModel]]:
+    """Section name -> its model class (for the generated reference)."""
+    return {name: f.annotation for name, f in Recipe.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}

@@ -1,0 +1,183 @@
+"""From an index of samples to batches of (images, masks), deterministic and resumable.
+
+The training stream is an endless sequence of *positions*: position ``p`` is sample
+``perm_e[p mod n]`` of epoch ``e = p // n``, where ``perm_e`` is a permutation seeded by
+(seed, epoch). Optimizer step ``s`` consumes positions ``[s * B, (s + 1) * B)`` of the global batch
+``B``; rank ``r`` of ``W`` takes its contiguous share. Crops and masks of a sample are drawn from
+RNGs seeded by (seed, epoch, sample index), so nothing depends on the number of ranks or workers,
+and resuming at step ``s`` reproduces the stream exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..components import Masker, Source
+from ..errors import JepaError, SampleError
+from .shards import Index, Reader, parse_label
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 64-bit seed from any parts (Python's ``hash`` is salted per process; this is not)."""
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class Skipped:
+    reason: str
+    key: str
+
+
+@dataclass
+class Batch:
+    """A collated batch. Index tensors follow the reference layout: targets are ``[M, B, Kt]``."""
+
+    x: torch.Tensor
+    context_idx: torch.Tensor
+    target_idx: torch.Tensor
+    context_valid: torch.Tensor | None
+    target_valid: torch.Tensor | None
+    labels: torch.Tensor
+    positions: torch.Tensor
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return Batch(mv(self.x), mv(self.context_idx), mv(self.target_idx), mv(self.context_valid),
+                     mv(self.target_valid), mv(self.labels), self.positions, self.skipped)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class PretrainDataset(Dataset):
+    """Map-style dataset over stream positions: decode + augment (source), then mask (masker)."""
+
+    def __init__(self, index: Index, source: Source, grid_fn, masker: Masker, seed: int, shuffle: bool = True):
+        self.index, self.source, self.grid_fn, self.masker = index, source, grid_fn, masker
+        self.seed, self.shuffle = seed, shuffle
+        self.reader = Reader()
+        self._perm: tuple[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def sample_index(self, position: int) -> tuple[int, int]:
+        """(epoch, dataset index) of a stream position."""
+        n = len(self.index)
+        epoch, i = divmod(position, n)
+        if not self.shuffle:
+            return epoch, i
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "perm", epoch) & 0x7FFF_FFFF_FFFF_FFFF)
+            self._perm = (epoch, torch.randperm(n, generator=g).tolist())
+        return epoch, self._perm[1][i]
+
+    def __getitem__(self, position: int):
+        epoch, i = self.sample_index(position)
+        record = self.index.records[i]
+        try:
+            raw = self.reader.sample(record)
+            x = self.source.decode(raw, random.Random(derive_seed(self.seed, epoch, i, "view")), train=True)
+        except SampleError as e:
+            return Skipped(e.reason, f"{record.members[next(iter(record.members))].path}:{record.key}")
+        except OSError as e:
+            return Skipped("unreadable", f"{record.key}: {e}")
+        grid = self.grid_fn(tuple(x.shape))
+        mask = self.masker(grid, random.Random(derive_seed(self.seed, epoch, i, "mask")))
+        return x, mask, parse_label(raw, record), position
+
+
+def _pad(seqs: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.zeros(len(seqs), length, dtype=torch.int64)
+    valid = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for j, s in enumerate(seqs):
+        n = min(len(s), length)
+        out[j, :n] = s[:n]
+        valid[j, :n] = True
+    return out, valid
+
+
+class Collate:
+    """Stack samples and pad (default) or truncate (reference behaviour) their index sets.
+
+    ``pad`` keeps every sample's own context and targets; the validity masks are None when nothing
+    needed padding. ``truncate`` cuts every context, and every target set, to the shortest in the
+    batch, which makes the kept fraction shrink as the per-device batch grows (the reference's flaw,
+    kept for parity runs).
+    """
+
+    def __init__(self, mode: str = "pad"):
+        self.mode = mode
+
+    def __call__(self, items: list) -> Batch:
+        skipped = [it for it in items if isinstance(it, Skipped)]
+        good = [it for it in items if not isinstance(it, Skipped)]
+        if not good:
+            reasons = ", ".join(sorted({s.reason for s in skipped}))
+            raise JepaError(f"data: every sample of a batch failed to decode ({reasons}); is the data source right?")
+        xs, masks, labels, positions = zip(*good, strict=True)
+        contexts = [m.context for m in masks]
+        num_targets = len(masks[0].targets)
+        targets = [[m.targets[t] for m in masks] for t in range(num_targets)]
+        if self.mode == "truncate":
+            nc = min(len(c) for c in contexts)
+            kt = min(len(t) for ts in targets for t in ts)
+        else:
+            nc = max(len(c) for c in contexts)
+            kt = max(len(t) for ts in targets for t in ts)
+        context_idx, context_valid = _pad(contexts, nc)
+        padded = [_pad(ts, kt) for ts in targets]
+        target_idx = torch.stack([p[0] for p in padded])
+        target_valid = torch.stack([p[1] for p in padded])
+        return Batch(
+            x=torch.stack(xs),
+            context_idx=context_idx,
+            target_idx=target_idx,
+            context_valid=None if bool(context_valid.all()) else context_valid,
+            target_valid=None if bool(target_valid.all()) else target_valid,
+            labels=torch.tensor(labels, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            skipped=skipped,
+        )
+
+
+class StepBatchSampler:
+    """Yields, for each optimizer step from ``start_step`` on, this rank's micro-batches of positions."""
+
+    def __init__(self, global_batch: int, rank: int, world_size: int, grad_accum: int, start_step: int,
+                 total_steps: int):
+        per_rank, rem = divmod(global_batch, world_size * grad_accum)
+        if rem or per_rank == 0:
+            raise JepaError(f"data.batch_size: global batch {global_batch} is not divisible by world size "
+                            f"{world_size} x train.grad_accum {grad_accum}")
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.grad_accum, self.micro = grad_accum, per_rank
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.grad_accum
+
+    def __iter__(self):
+        for step in range(self.start_step, self.total_steps):
+            base = step * self.global_batch + self.rank * self.micro * self.grad_accum
+            for a in range(self.grad_accum):
+                start = base + a * self.micro
+                yield list(range(start, start + self.micro))
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def build_loader(dataset: PretrainDataset, sampler: StepBatchSampler, num_workers: int, mode: str,
+                 pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=Collate(mode),
+                      pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)

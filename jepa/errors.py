@@ -1,0 +1,50 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad recipe, a missing file, an infeasible mask configuration) is a
+:class:`JepaError`. The CLI prints its message as one line and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class JepaError(Exception):
+    """An error caused by input (recipe, data, checkpoint), reported as one clear line."""
+
+    exit_code = 1
+
+
+class RecipeError(JepaError):
+    """A recipe is invalid. Holds one ``section.field: message`` line per problem."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(JepaError):
+    """A plugin is missing, broken, or registers a name that another plugin already owns."""
+
+
+class MaskConfigError(JepaError):
+    """A masker cannot produce valid masks on the requested token grid."""
+
+
+class SampleError(Exception):
+    """A single data sample cannot be decoded. Not fatal: the sample is skipped and counted.
+
+    Args:
+        reason: a short, stable category (``"corrupt"``, ``"empty"``, ``"too_large"``...) used as
+            the counter name in the run summary.
+        detail: free text for the log.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class CheckpointError(JepaError):
+    """A checkpoint is missing, incomplete, or does not match the run."""

@@ -1,0 +1,96 @@
+"""What a recipe costs, computed on the meta device: nothing is allocated, so ViT-H/14 is instant.
+
+* parameters of the encoder and predictor;
+* tokens per sample (the tokenizer's grid for the source's sample shape);
+* FLOPs of one optimizer step, counted by ``FlopCounterMode`` over the real forward and backward
+  (target forward, context forward/backward, predictor forward/backward), with plain matmul
+  attention so attention matmuls are counted too;
+* an estimate of peak memory per device: fp32 weights, gradients and AdamW moments, plus
+  activations saved for backward (per block, about ``34 * L * D`` bytes in 16-bit precision plus
+  ``5 * heads * L^2`` for the attention maps, the estimate of Korthikanti et al. 2022; doubled in fp32).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config.load import Resolved
+from .jepa import build_jepa, resolve_arch
+from .vit import set_attention
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def example_masks(resolved: Resolved, batch: int, seed: int = 0):
+    """Index tensors of a typical batch (masks drawn from the recipe's masker, padded)."""
+    from ..data.pipeline import Collate
+
+    source_cls, source_cfg = resolved.component("source")
+    tok_cls, tok_cfg = resolved.component("tokenizer")
+    masker_cls, masker_cfg = resolved.component("masker")
+    shape = source_cls(source_cfg).sample_shape()
+    grid = tok_cls.grid_for(tok_cfg, shape)
+    masker = masker_cls(masker_cfg)
+    masker.check(grid)
+    items = [(torch.zeros(0), masker(grid, random.Random(seed + i)), -1, i) for i in range(batch)]
+    collated = Collate(resolved.recipe.data.mask_collate)(items)
+    return shape, grid, collated
+
+
+def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
+    r = resolved.recipe
+    world = world_size or r.dist.world_size
+    per_device = max(1, r.data.batch_size // (world * r.train.grad_accum))
+    tok_cls, tok_cfg = resolved.component("tokenizer")
+    model = build_jepa(r.model, r.loss, tok_cls, tok_cfg, device="meta")
+    set_attention(model, "math")
+    shape, grid, b = example_masks(resolved, per_device)
+    x = torch.empty(per_device, *shape, device="meta")
+
+    def to_meta(t):
+        return None if t is None else t.to("meta")
+
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(x, to_meta(b.context_idx), to_meta(b.target_idx), to_meta(b.context_valid),
+                        to_meta(b.target_valid))
+        loss.backward()
+    micro_flops = counter.get_total_flops()
+    arch = resolve_arch(r.model)
+    tokens = 1
+    for g in grid:
+        tokens *= g
+    m, _, kt = b.target_idx.shape
+    nc = b.context_idx.shape[1]
+    act_bytes = 2 if r.train.precision in ("bf16", "auto") else 4
+    scale = act_bytes / 2
+
+    def block_act(batch, length, dim, heads):
+        return scale * (34 * batch * length * dim + 5 * heads * batch * length * length)
+
+    enc_act = arch["depth"] * block_act(per_device, nc, arch["embed_dim"], arch["num_heads"])
+    pred_act = arch["predictor_depth"] * block_act(m * per_device, nc + kt, arch["predictor_embed_dim"],
+                                                    arch["predictor_num_heads"])
+    target_act = block_act(per_device, tokens, arch["embed_dim"], arch["num_heads"])  # transient, one block
+    n_enc, n_pred = _count(model.encoder), _count(model.predictor)
+    state_bytes = 4 * (n_enc + n_pred) * 4 + 4 * n_enc  # weights + grads + 2 Adam moments, + target weights
+    memory = state_bytes + enc_act + pred_act + target_act
+    flops_step = micro_flops * r.train.grad_accum * world
+    return {
+        "params": {"encoder": n_enc, "predictor": n_pred, "target_encoder": _count(model.target_encoder)},
+        "arch": arch,
+        "grid": list(grid),
+        "tokens_per_sample": tokens,
+        "context_tokens": nc,
+        "target_tokens": [int(m), int(kt)],
+        "per_device_batch": per_device,
+        "world_size": world,
+        "flops_per_step": flops_step,
+        "flops_per_device_step": micro_flops * r.train.grad_accum,
+        "flops_per_sample": flops_step / r.data.batch_size,
+        "memory_gb": memory / 1e9,
+    }

@@ -1,0 +1,93 @@
+"""The JEPA module: context encoder, EMA target encoder and predictor, plus the loss."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config.schema import LossConfig, ModelConfig
+from .loss import regression_loss
+from .sizes import SIZES
+from .vit import Encoder, Predictor, layer_norm_targets
+
+
+def resolve_arch(cfg: ModelConfig) -> dict:
+    """Widths, depths and heads after applying explicit overrides to the size preset."""
+    size = SIZES[cfg.size]
+    embed_dim = cfg.embed_dim or size.embed_dim
+    num_heads = cfg.num_heads or size.num_heads
+    return {
+        "embed_dim": embed_dim,
+        "depth": cfg.depth or size.depth,
+        "num_heads": num_heads,
+        "mlp_ratio": cfg.mlp_ratio or size.mlp_ratio,
+        "predictor_embed_dim": cfg.predictor_embed_dim or size.predictor_embed_dim,
+        "predictor_depth": cfg.predictor_depth or size.predictor_depth,
+        "predictor_num_heads": cfg.predictor_num_heads or num_heads,
+    }
+
+
+class JEPA(nn.Module):
+    """I-JEPA training module.
+
+    ``forward`` returns the loss for one batch; the target encoder is never trained by gradients and
+    is updated by :func:`jepa.model.ema.ema_update` after each optimizer step.
+    """
+
+    def __init__(self, encoder: Encoder, predictor: Predictor, loss: LossConfig | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.loss_cfg = loss or LossConfig()
+
+    def targets(self, x: torch.Tensor, target_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target features at the target positions ``[M * B, Kt, D]`` and the full features ``[B, N, D]``."""
+        with torch.no_grad():
+            h = self.target_encoder(x)
+            h_norm = layer_norm_targets(h) if self.loss_cfg.target_norm else h
+            m, b, kt = target_idx.shape
+            rows = torch.arange(b, device=x.device)[None, :, None]
+            return h_norm[rows, target_idx].reshape(m * b, kt, -1), h
+
+    def forward(self, x: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
+                context_valid: torch.Tensor | None = None, target_valid: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training forward pass.
+
+        Args:
+            x: input batch.
+            context_idx: ``[B, Nc]`` context token indices; ``context_valid`` marks real entries.
+            target_idx: ``[M, B, Kt]`` target token indices per target set; ``target_valid`` likewise.
+
+        Returns:
+            The loss and detached statistics (feature spread, to watch for collapse).
+        """
+        m, b, kt = target_idx.shape
+        target, h = self.targets(x, target_idx)
+        z = self.encoder(x, keep=context_idx, keep_valid=context_valid)
+        pos = self.predictor.pos(self.encoder.patch_embed.coords, self.encoder.grid(x), x.device)
+        pred = self.predictor(z, context_idx, target_idx, pos, context_valid, target_valid)
+        valid = target_valid.reshape(m * b, kt) if target_valid is not None else None
+        cfg = self.loss_cfg
+        loss = regression_loss(pred, target, valid, cfg.kind, cfg.p, cfg.beta)
+        with torch.no_grad():
+            stats = {
+                "target_std": h.float().mean(dim=1).std(dim=0).mean(),
+                "pred_std": pred.float().std(dim=(0, 1)).mean(),
+            }
+        return loss, stats
+
+
+def build_jepa(model_cfg: ModelConfig, loss_cfg: LossConfig, tokenizer_cls: type, tokenizer_cfg,
+               device: str | torch.device = "cpu") -> JEPA:
+    """Build the three networks. On ``device="meta"`` nothing is allocated (cost estimates)."""
+    arch = resolve_arch(model_cfg)
+    with torch.device(device):
+        tokenizer = tokenizer_cls(tokenizer_cfg, arch["embed_dim"])
+        encoder = Encoder(tokenizer, arch["depth"], arch["num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias)
+        predictor = Predictor(arch["embed_dim"], arch["predictor_embed_dim"], arch["predictor_depth"],
+                              arch["predictor_num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias)
+        return JEPA(encoder, predictor, loss_cfg)

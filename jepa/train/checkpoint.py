@@ -1,0 +1,164 @@
+"""Atomic checkpoints.
+
+Layout of ``RUN/checkpoints/step_000500/``: the three networks as safetensors
+(``encoder``, ``predictor``, ``target_encoder``), ``state.pt`` (optimizer, step, data position; loads
+with ``torch.load(weights_only=True)``), ``recipe.toml`` and ``meta.json`` (step, recipe hash, versions).
+A checkpoint is written under a temporary name, every file fsynced, then renamed into place;
+``RUN/checkpoints/latest`` (a small text file naming the newest complete checkpoint) is replaced last.
+A crash at any moment leaves the previous checkpoint intact and ``latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+NETWORKS = ("encoder", "predictor", "target_encoder")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file + fsync + rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module], state: dict, meta: dict,
+                    recipe_toml: str, keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep_last``."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    for name, net in networks.items():
+        for p in net.parameters():
+            if not torch.isfinite(p).all():
+                raise CheckpointError(f"refusing to write checkpoint at step {step}: {name} has non-finite weights")
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step_{step:06d}-"))
+    try:
+        files = []
+        for name, net in networks.items():
+            save_file(_contiguous(net.state_dict()), str(tmp / f"{name}.safetensors"))
+            files.append(tmp / f"{name}.safetensors")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "recipe.toml").write_text(recipe_toml)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        files += [tmp / "state.pt", tmp / "recipe.toml", tmp / "meta.json"]
+        for f in files:
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write checkpoint at step {step} ({e.strerror or e}); "
+                                  f"the previous checkpoint is intact") from None
+        raise
+    write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    prune(ckpt_root, keep_last)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(ckpt_root)
+    for old in ckpts[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step_*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (-> its latest checkpoint), a checkpoint directory, or an error saying which."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint: no such file or directory: {p}")
+    if (p / "meta.json").is_file():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    latest = root / "latest"
+    if latest.is_file():
+        target = root / latest.read_text().strip()
+        if (target / "meta.json").is_file():
+            return target
+        raise CheckpointError(f"checkpoint: {latest} names '{target.name}', which is missing or incomplete")
+    ckpts = [c for c in list_checkpoints(root) if (c / "meta.json").is_file()]
+    if ckpts:
+        return ckpts[-1]
+    raise CheckpointError(f"checkpoint: no checkpoint found in {p} (expected a run directory, a checkpoint "
+                          "directory with meta.json, or an imported checkpoint)")
+
+
+def load_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint: cannot read {ckpt / 'meta.json'}: {e}") from None
+
+
+def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module], strict: bool = True) -> None:
+    """Load the safetensors weights of ``networks`` present in ``ckpt``; shape mismatches are errors."""
+    for name, net in networks.items():
+        f = ckpt / f"{name}.safetensors"
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint: {ckpt} has no {name} weights ({f.name} missing)")
+        try:
+            state = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint: {f} is unreadable or truncated: {e}") from None
+        try:
+            net.load_state_dict(state, strict=strict)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
+            raise CheckpointError(f"checkpoint: {f.name} does not match this model: {detail}") from None
+
+
+def load_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here must be reported, never a silent restart
+        raise CheckpointError(f"checkpoint: cannot load {ckpt / 'state.pt'}: {type(e).__name__}: {e}") from None

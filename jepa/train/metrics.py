@@ -1,0 +1,42 @@
+"""Metrics sinks: ``RUN/metrics.jsonl`` (one JSON object per log step) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends to ``metrics.jsonl``; on resume, drops entries at or after the resume step first, so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        if start_step > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) < start_step]
+            self.path.write_text("".join(k + "\n" for k in kept))
+        elif start_step == 0:
+            self.path.write_text("")
+        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - line-buffered for tail -f
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()

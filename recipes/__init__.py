@@ -1,0 +1,1 @@
+"""Recipes installed with jepa-forge (package data); see `jepa recipe list`."""
