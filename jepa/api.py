@@ -17,7 +17,7 @@ from .train.checkpoint import NETWORKS, load_networks, resolve_checkpoint
 
 def run_pretrain(recipe: Any, run_dir: str | Path | None = None, resume: bool = False,
                  overrides: list[str] | None = None, allow_changes: tuple[str, ...] = (), console=None,
-                 **sections: dict) -> dict:
+                 stop_at: int | None = None, **sections: dict) -> dict:
     """Validate the recipe, train, and return the run summary (what ``jepa pretrain`` prints)."""
     from .train import Trainer
 
@@ -25,7 +25,7 @@ def run_pretrain(recipe: Any, run_dir: str | Path | None = None, resume: bool = 
     resolved = load_recipe(recipe, overrides, plugins, extra=sections)
     run_dir = Path(run_dir) if run_dir else Path("runs") / resolved.recipe.run.name
     trainer = Trainer(resolved, run_dir, resume=resume, allow_changes=allow_changes, versions=plugins.versions(),
-                      console=console)
+                      console=console, stop_at=stop_at)
     return trainer.fit()
 
 

@@ -20,6 +20,7 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
     allow_changes: Annotated[str, typer.Option("--allow-changes", help="With --resume: recipe fields allowed to differ, comma-separated.")] = "",
     init: Annotated[str | None, typer.Option("--init", help="Initialise the networks from this checkpoint.")] = None,
+    stop_at: Annotated[int | None, typer.Option("--stop-at", help="Stop after this global step, with a checkpoint (continue later with --resume).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Pretrain a JEPA from a recipe."""
@@ -31,7 +32,7 @@ def pretrain(
         sets.append(f"model.init={json.dumps(str(Path(init).resolve()))}")
     allowed = tuple(a.strip() for a in allow_changes.split(",") if a.strip())
     summary = run_pretrain(recipe, run_dir=run_dir, resume=resume, overrides=sets, allow_changes=allowed,
-                           console=err_console)
+                           console=err_console, stop_at=stop_at)
     if as_json:
         print(json.dumps(summary, indent=2))
         return

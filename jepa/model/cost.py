@@ -6,8 +6,9 @@
   (target forward, context forward/backward, predictor forward/backward), with plain matmul
   attention so attention matmuls are counted too;
 * an estimate of peak memory per device: fp32 weights, gradients and AdamW moments, plus
-  activations saved for backward (per block, about ``34 * L * D`` bytes in 16-bit precision plus
-  ``5 * heads * L^2`` for the attention maps, the estimate of Korthikanti et al. 2022; doubled in fp32).
+  activations saved for backward (per block, about ``34 * L * D`` bytes in 16-bit precision, the
+  estimate of Korthikanti et al. 2022, doubled in fp32; plus ``5 * heads * L^2`` for stored attention
+  maps when ``model.attention = "math"``: fused SDPA keeps none).
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
     act_bytes = 2 if r.train.precision in ("bf16", "auto") else 4
     scale = act_bytes / 2
 
+    maps = 5 if r.model.attention == "math" else 0
+
     def block_act(batch, length, dim, heads):
-        return scale * (34 * batch * length * dim + 5 * heads * batch * length * length)
+        return scale * (34 * batch * length * dim + maps * heads * batch * length * length)
 
     enc_act = arch["depth"] * block_act(per_device, nc, arch["embed_dim"], arch["num_heads"])
     pred_act = arch["predictor_depth"] * block_act(m * per_device, nc + kt, arch["predictor_embed_dim"],

@@ -7,14 +7,15 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends to ``metrics.jsonl``; on resume, drops entries at or after the resume step first, so
-    the file reads as one uninterrupted run."""
+    """Appends to ``metrics.jsonl``. ``step`` counts completed steps; on resume at step ``s``, entries
+    logged after ``s`` (by the interrupted run, past its last checkpoint) are dropped first, so the
+    file reads as one uninterrupted run."""
 
     def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         if start_step > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < start_step]
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
             self.path.write_text("".join(k + "\n" for k in kept))
         elif start_step == 0:
             self.path.write_text("")

@@ -96,10 +96,12 @@ class Trainer:
         resume: continue from the run directory's latest checkpoint.
         allow_changes: recipe fields that may differ from the checkpoint's when resuming.
         versions: plugin versions, saved with every checkpoint.
+        stop_at: stop after this global step, with a checkpoint (time-limited jobs; continue with resume).
     """
 
     def __init__(self, resolved: Resolved, run_dir: str | Path, resume: bool = False,
-                 allow_changes: tuple[str, ...] = (), versions: dict | None = None, console: Console | None = None):
+                 allow_changes: tuple[str, ...] = (), versions: dict | None = None, console: Console | None = None,
+                 stop_at: int | None = None):
         self.resolved, self.recipe = resolved, resolved.recipe
         self.run_dir = Path(run_dir)
         self.console = console or Console(stderr=True)
@@ -128,6 +130,7 @@ class Trainer:
         else:
             raise JepaError("train.steps: give the training length as train.steps or train.epochs")
         self.schedules = build_schedules(r, self.total_steps, self.steps_per_epoch)
+        self.end_step = min(self.total_steps, stop_at) if stop_at else self.total_steps
 
         # Model and optimizer. Seeded, so a fresh run is reproducible.
         torch.manual_seed(r.run.seed)
@@ -189,7 +192,7 @@ class Trainer:
     def loader(self):
         r = self.recipe
         dataset = PretrainDataset(self.index, self.source, self.masker_grid_fn(), self.masker, r.run.seed, r.data.shuffle)
-        sampler = StepBatchSampler(r.data.batch_size, 0, 1, r.train.grad_accum, self.start_step, self.total_steps)
+        sampler = StepBatchSampler(r.data.batch_size, 0, 1, r.train.grad_accum, self.start_step, self.end_step)
         return build_loader(dataset, sampler, r.data.num_workers, r.data.mask_collate,
                             pin_memory=self.device.type == "cuda")
 
@@ -210,7 +213,7 @@ class Trainer:
         last_ckpt = None
         progress = _Progress(self.console, r.log.progress, self.start_step, self.total_steps)
         try:
-            for step in range(self.start_step, self.total_steps):
+            for step in range(self.start_step, self.end_step):
                 hp = self.schedules(step)
                 set_hparams(self.optimizer, hp["lr"], hp["wd"])
                 for _ in range(accum):
@@ -229,7 +232,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 ema_update(self.model.target_encoder, self.model.encoder, hp["momentum"])
                 done = step + 1
-                if done % log_every == 0 or done == self.total_steps:
+                if done % log_every == 0 or done == self.end_step:
                     # The only host synchronisation of the loop: once per log interval.
                     n = (done - 1) % log_every + 1
                     elapsed = time.perf_counter() - t_interval
@@ -245,13 +248,14 @@ class Trainer:
                     interval_samples, t_interval = 0, time.perf_counter()
                     if not math.isfinite(last_loss):
                         raise JepaError(f"loss is {last_loss} at step {done}; last good checkpoint: {last_ckpt}")
-                if done % ckpt_every == 0 or done == self.total_steps:
+                if done % ckpt_every == 0 or done == self.end_step:
                     last_ckpt = self.save(done)
         finally:
             progress.close()
             logger.close()
         summary = {
-            "run_dir": str(self.run_dir), "steps": self.total_steps, "start_step": self.start_step,
+            "run_dir": str(self.run_dir), "steps": self.end_step, "total_steps": self.total_steps,
+            "start_step": self.start_step,
             "first_loss": first_loss, "final_loss": last_loss, "seconds": time.perf_counter() - t_start,
             "checkpoint": str(last_ckpt) if last_ckpt else None, "precision": self.precision,
             "attention": self.attention, "device": str(self.device), "samples": len(self.index),

@@ -1,0 +1,5 @@
+"""``python -m jepa`` is the ``jepa`` command."""
+
+from .cli import main
+
+main()

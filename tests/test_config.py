@@ -1,0 +1,130 @@
+"""Recipe loading: two-pass validation, one-line errors with suggestions, overrides, paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from jepa import RecipeError
+from jepa.config import list_recipes, load_recipe, parse_override
+from jepa.config.load import apply_overrides, expand_vars
+
+from .conftest import QUICK_TRAIN, tiny_recipe
+
+
+def problems(recipe: dict, overrides=()) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe, list(overrides))
+    return info.value.problems
+
+
+def test_tiny_recipe_resolves_with_every_default_filled():
+    resolved = load_recipe(tiny_recipe())
+    d = resolved.to_dict()
+    assert d["masker"]["name"] == "image.multiblock"
+    assert d["masker"]["num_targets"] == 4 and d["masker"]["target_scale"] == [0.15, 0.2]
+    assert d["ema"] == {"momentum": 0.996, "final_momentum": 1.0}
+    assert d["loss"]["kind"] == "l2"
+    # The resolved recipe is itself a valid recipe that resolves to the same thing.
+    again = load_recipe(tomllib.loads(resolved.to_toml()))
+    assert again.to_dict() == d and again.digest() == resolved.digest()
+
+
+def test_typo_in_core_field_names_field_and_suggests():
+    assert problems(tiny_recipe(optim={"lrr": 1e-3})) == ["optim.lrr: unknown field; did you mean 'lr'?"]
+
+
+def test_typo_in_section_name():
+    r = tiny_recipe()
+    r["optimm"] = {"lr": 1.0}
+    assert problems(r) == ["optimm: unknown field; did you mean 'optim'?"]
+
+
+def test_typo_in_component_field_is_checked_in_pass_two():
+    assert problems(tiny_recipe(masker={"num_target": 3})) == [
+        "masker.num_target: unknown field; did you mean 'num_targets'?"]
+
+
+def test_wrong_type_names_field_and_value():
+    [line] = problems(tiny_recipe(optim={"lr": "fast"}))
+    assert line.startswith("optim.lr: Input should be a valid number") and "'fast'" in line
+
+
+def test_wrong_literal_suggests():
+    [line] = problems(tiny_recipe(loss={"kind": "smoothl1"}))
+    assert line.startswith("loss.kind:") and "did you mean 'smooth_l1'" in line
+
+
+def test_every_problem_is_reported_at_once():
+    lines = problems(tiny_recipe(optim={"lr": "x"}, train={"stepz": 3}))
+    assert len(lines) == 2 and {line.split(":")[0] for line in lines} == {"optim.lr", "train.stepz"}
+
+
+def test_unknown_component_lists_available():
+    [line] = problems(tiny_recipe(source={"name": "imag"}))
+    assert line == "source.name: unknown source 'imag'; available: image (image); did you mean 'image'?"
+
+
+def test_requires_missing_plugin_gives_install_hint():
+    r = tiny_recipe()
+    r["requires"] = ["image", "audio"]
+    [line] = problems(r)
+    assert line.startswith("requires: plugin 'audio' is not installed") and "pip install" in line
+
+
+def test_conflicting_length_settings():
+    [line] = problems(tiny_recipe(train={"steps": 3, "epochs": 1.0}))
+    assert line == "train: give steps or epochs, not both"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("optim.lr=3e-4", 3e-4), ("train.steps=7", 7), ("masker.target_scale=[0.1, 0.2]", [0.1, 0.2]),
+    ("run.name=foo", "foo"), ('run.name="a b"', "a b"), ("log.tensorboard=false", False),
+])
+def test_override_values_are_toml_literals(text, value):
+    path, parsed = parse_override(text)
+    assert parsed == value and path == text.split("=")[0].split(".")
+
+
+def test_overrides_apply_and_bad_ones_are_clear():
+    resolved = load_recipe(tiny_recipe(), ["optim.lr=0.5", "masker.num_targets=2"])
+    assert resolved.recipe.optim.lr == 0.5 and resolved.components["masker"][1].num_targets == 2
+    with pytest.raises(RecipeError, match="expected section.field=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
+    recipe = tmp_path / "sub" / "r.toml"
+    recipe.parent.mkdir()
+    recipe.write_text('[tokenizer]\nname="patch"\n[masker]\nname="multiblock"\n[source]\nname="image"\n'
+                      '[data]\ntrain = "shards/train-{000..001}.tar::/abs/x.tar"\n')
+    resolved = load_recipe(recipe)
+    assert resolved.recipe.data.train == f"{tmp_path}/sub/shards/train-{{000..001}}.tar::/abs/x.tar"
+
+
+def test_env_vars_expand(monkeypatch):
+    monkeypatch.setenv("JEPA_TEST_ROOT", "/data")
+    assert expand_vars({"a": ["${JEPA_TEST_ROOT}/x", "${JEPA_TEST_UNSET:-/d}/y", "${JEPA_TEST_UNSET}"]}) == {
+        "a": ["/data/x", "/d/y", "${JEPA_TEST_UNSET}"]}
+
+
+def test_installed_recipes_all_validate():
+    names = {p.stem for p in list_recipes()}
+    assert {"quickstart", "image_vith14", "image_vitb16", "image_cifar10_cpu"} <= names
+    for p in list_recipes():
+        load_recipe(p)
+
+
+def test_recipe_by_name_and_typo_in_name():
+    assert load_recipe("quickstart").recipe.data.train == str(QUICK_TRAIN.resolve())
+    with pytest.raises(RecipeError, match="did you mean 'quickstart'"):
+        load_recipe("quickstrat")
+
+
+def test_invalid_toml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nname=1")
+    with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
+        load_recipe(Path(bad))

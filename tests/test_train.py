@@ -1,0 +1,118 @@
+"""Training end to end on CPU: exact resume, checkpoint layout, run-directory safety, the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import jepa
+from jepa import CheckpointError, JepaError
+from jepa.api import run_pretrain
+from jepa.train.schedules import cosine_ramp, linear_ramp, warmup_cosine
+
+from .conftest import QUICK_TRAIN, read_members, tiny_recipe, write_shard
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_plus_two_resumed_steps_equal_four(tmp_path, precision):
+    recipe = tiny_recipe(steps=4, train={"precision": precision})
+    run_pretrain(recipe, tmp_path / "straight")
+    run_pretrain(recipe, tmp_path / "resumed", stop_at=2)
+    run_pretrain(recipe, tmp_path / "resumed", resume=True)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # bit for bit
+    a = load_file(str(tmp_path / "straight/checkpoints/step_000004/target_encoder.safetensors"))
+    b = load_file(str(tmp_path / "resumed/checkpoints/step_000004/target_encoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_layout_and_reloading(tmp_path):
+    summary = run_pretrain(tiny_recipe(steps=4), tmp_path / "run")
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000004"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000002", "step_000004"]
+    step4 = ck / "step_000004"
+    assert {p.name for p in step4.iterdir()} == {"encoder.safetensors", "predictor.safetensors",
+                                               "target_encoder.safetensors", "state.pt", "meta.json", "recipe.toml"}
+    state = torch.load(step4 / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["data_position"] == 32
+    meta = json.loads((step4 / "meta.json").read_text())
+    assert meta["step"] == 4 and "image" in meta["versions"]
+    assert (tmp_path / "run" / "recipe.toml").read_text().startswith("# resolved recipe")
+    assert summary["checkpoint"] == str(step4)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"loss", "lr", "wd", "momentum", "samples_per_s", "target_std", "pred_std", "rank"} <= set(records[0])
+
+
+def test_run_directory_is_never_overwritten_and_bad_resume_is_an_error(tmp_path):
+    run_pretrain(tiny_recipe(steps=2), tmp_path / "run")
+    with pytest.raises(JepaError, match="already holds a run"):
+        run_pretrain(tiny_recipe(steps=2), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="no such file"):
+        run_pretrain(tiny_recipe(steps=2), tmp_path / "empty", resume=True)
+    ck = tmp_path / "run" / "checkpoints" / "step_000002"
+    (ck / "encoder.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        run_pretrain(tiny_recipe(steps=4), tmp_path / "run", resume=True, allow_changes=("train.steps",))
+
+
+def test_missing_data_and_unknown_length_are_clear(tmp_path):
+    with pytest.raises(JepaError, match="data: no such file or directory: .*missing.tar"):
+        run_pretrain(tiny_recipe(str(tmp_path / "missing.tar")), tmp_path / "r1")
+    r = tiny_recipe()
+    del r["train"]
+    with pytest.raises(JepaError, match="train.steps: give the training length"):
+        run_pretrain(r, tmp_path / "r2")
+
+
+def test_corrupt_images_are_skipped_counted_and_training_continues(tmp_path):
+    good = read_members(QUICK_TRAIN, 30)
+    samples = [(k, {"jpg": j, "cls": c}) for k, j, c in good]
+    samples += [("bad1", {"jpg": b"\x89PNG garbage", "cls": b"0"}), ("bad2", {"jpg": b"", "cls": b"0"})]
+    shard = write_shard(tmp_path / "mixed.tar", samples)
+    summary = run_pretrain(tiny_recipe(str(shard), steps=8), tmp_path / "run")  # 64 draws: 2 epochs
+    assert summary["skipped"] == {"corrupt": 2, "empty": 2}
+    assert summary["final_loss"] is not None and summary["checkpoint"]
+
+
+def test_python_api_load_preprocess_encode_pooled(tmp_path):
+    run_dir = jepa.pretrain(tiny_recipe(steps=2), run_dir=str(tmp_path / "run"))
+    model = jepa.load(run_dir)
+    jpgs = [j for _, j, _ in read_members(QUICK_TRAIN, 3)]
+    x = model.preprocess(jpgs)
+    assert x.shape == (3, 3, 32, 32)
+    tokens = model.encode(x)
+    assert tokens.shape == (3, 64, 64)
+    assert not torch.equal(tokens, model.encode(x, which="context"))
+    torch.testing.assert_close(model.pooled(x), tokens.mean(1))
+    keep = torch.tensor([[0, 1, 2]] * 3)
+    assert model.encode(x, keep=keep).shape == (3, 3, 64)
+    # A checkpoint directory loads too, to the same weights.
+    again = jepa.load(str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    torch.testing.assert_close(again.pooled(x), model.pooled(x))
+
+
+def test_schedules_are_pure_functions_of_the_step():
+    assert warmup_cosine(0, 10, 100, 2e-4, 1e-3, 1e-6) == 2e-4
+    assert warmup_cosine(10, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(1e-3)
+    assert warmup_cosine(100, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(1e-6)
+    assert cosine_ramp(0, 100, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine_ramp(100, 100, 0.04, 0.4) == pytest.approx(0.4)
+    assert linear_ramp(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    assert linear_ramp(80, 100 * 1.25, 0.996, 1.0) < 1.0  # the reference's stretched horizon
+
+
+def test_resume_with_a_changed_recipe_lists_the_changes(tmp_path):
+    run_pretrain(tiny_recipe(steps=4), tmp_path / "run", stop_at=2)
+    with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in optim.lr, train.steps; pass "
+                                              r"--allow-changes optim.lr,train.steps"):
+        run_pretrain(tiny_recipe(steps=6, optim={"lr": 0.1}), tmp_path / "run", resume=True)
+    summary = run_pretrain(tiny_recipe(steps=6), tmp_path / "run", resume=True, allow_changes=("train.steps",))
+    assert summary["start_step"] == 2 and summary["steps"] == 6
