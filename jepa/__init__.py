@@ -42,7 +42,7 @@ def pretrain(recipe: Any, run_dir: str | None = None, resume: bool = False, over
 
 
 def load(path: str, device: str = "cpu") -> Pretrained:
-    """Load trained networks from a run directory, a checkpoint directory or an imported file."""
+    """Load trained networks from a run directory (its latest checkpoint) or a checkpoint directory."""
     from .api import load as _load
 
     return _load(path, device=device)

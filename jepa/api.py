@@ -24,7 +24,10 @@ def run_pretrain(recipe: Any, run_dir: str | Path | None = None, resume: bool = 
     plugins = get_plugins()
     resolved = load_recipe(recipe, overrides, plugins, extra=sections)
     run_dir = Path(run_dir) if run_dir else Path("runs") / resolved.recipe.run.name
-    trainer = Trainer(resolved, run_dir, resume=resume, allow_changes=allow_changes, versions=plugins.versions(),
+    from . import __version__
+
+    versions = {"jepa": __version__, **plugins.versions()}
+    trainer = Trainer(resolved, run_dir, resume=resume, allow_changes=allow_changes, versions=versions,
                       console=console, stop_at=stop_at)
     return trainer.fit()
 

@@ -27,7 +27,7 @@ class PluginError(JepaError):
     """A plugin is missing, broken, or registers a name that another plugin already owns."""
 
 
-class MaskConfigError(JepaError):
+class MaskConfigError(RecipeError):
     """A masker cannot produce valid masks on the requested token grid."""
 
 

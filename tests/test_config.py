@@ -128,3 +128,25 @@ def test_invalid_toml_is_one_line(tmp_path):
     bad.write_text("[run\nname=1")
     with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
         load_recipe(Path(bad))
+
+
+def test_override_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    resolved = load_recipe("quickstart", ["data.train=mine/train.tar"])
+    assert resolved.recipe.data.train == str(tmp_path / "mine" / "train.tar")
+    monkeypatch.setenv("JEPA_DATA_ROOT", "rel")
+    resolved = load_recipe("image_cifar10_cpu")
+    assert resolved.recipe.data.train == f"{tmp_path}/rel/cifar10/train-{{000000..000009}}.tar"
+    monkeypatch.setenv("JEPA_DATA_ROOT", "")  # empty counts as unset, as in the shell
+    assert load_recipe("image_cifar10_cpu").recipe.data.train.endswith("shared/data/cifar10/train-{000000..000009}.tar")
+
+
+def test_grid_level_problems_are_recipe_errors():
+    from jepa.model.cost import estimate
+
+    with pytest.raises(RecipeError, match=r"tokenizer.patch_size: image size 32x32 is not divisible by the patch size 5x5"):
+        estimate(load_recipe(tiny_recipe(tokenizer={"patch_size": 5})))
+    with pytest.raises(RecipeError, match="masker.min_keep: 100 context tokens cannot be kept on a 8x8 grid"):
+        estimate(load_recipe(tiny_recipe(masker={"min_keep": 100})))
+    with pytest.raises(RecipeError, match="data.batch_size: global batch 8 is not divisible by dist.world_size 3"):
+        estimate(load_recipe(tiny_recipe(dist={"world_size": 3})))

@@ -116,3 +116,23 @@ def test_resume_with_a_changed_recipe_lists_the_changes(tmp_path):
         run_pretrain(tiny_recipe(steps=6, optim={"lr": 0.1}), tmp_path / "run", resume=True)
     summary = run_pretrain(tiny_recipe(steps=6), tmp_path / "run", resume=True, allow_changes=("train.steps",))
     assert summary["start_step"] == 2 and summary["steps"] == 6
+
+
+def test_init_copies_all_three_networks_from_a_checkpoint(tmp_path):
+    run_pretrain(tiny_recipe(steps=2), tmp_path / "a")
+    src = jepa.load(str(tmp_path / "a"))
+    # One step at learning rate 0 with EMA momentum 1: the networks stay exactly the initial ones.
+    run_pretrain(tiny_recipe(steps=1, optim={"lr": 0.0, "start_lr": 0.0, "final_lr": 0.0, "weight_decay": 0.0,
+                                             "final_weight_decay": 0.0}, ema={"momentum": 1.0},
+                             model={"init": str(tmp_path / "a")}), tmp_path / "b")
+    dst = jepa.load(str(tmp_path / "b"))
+    for name in ("encoder", "target_encoder", "predictor"):
+        a, b = getattr(src, name).state_dict(), getattr(dst, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_torchrun_is_refused_until_supported(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(JepaError, match="torchrun is not supported"):
+        run_pretrain(tiny_recipe(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

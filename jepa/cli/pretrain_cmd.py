@@ -37,9 +37,11 @@ def pretrain(
         print(json.dumps(summary, indent=2))
         return
     skipped = summary["skipped"]
-    err_console.print(
-        f"done: {summary['steps'] - summary['start_step']} steps in {summary['seconds']:.0f} s on {summary['device']} "
-        f"({summary['precision']}); loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}", highlight=False)
+    ran = summary["steps"] - summary["start_step"]
+    losses = (f"; loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+              if summary["final_loss"] is not None else "")
+    err_console.print(f"done: {ran} steps in {summary['seconds']:.0f} s on {summary['device']} "
+                      f"({summary['precision']}){losses}", highlight=False)
     if skipped:
         err_console.print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())), highlight=False)
     print(f"checkpoint: {summary['checkpoint']}")

@@ -11,7 +11,7 @@ from rich.table import Table
 app = typer.Typer(no_args_is_help=True, help="Validate and inspect recipes.")
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a.b=value (TOML literal). Repeatable.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 def _describe(path) -> str:

@@ -82,7 +82,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def expand_vars(value: Any) -> Any:
-    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; unset variables stay as written."""
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; unset variables stay as written.
+
+    A variable at the start of a value holding a relative path is made absolute against the current
+    directory (where the user set it); a default written in the recipe stays relative to the recipe.
+    """
     if isinstance(value, dict):
         return {k: expand_vars(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -90,9 +94,14 @@ def expand_vars(value: Any) -> Any:
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             env = os.environ.get(m.group(1))
-            if env is not None:
-                return env
-            return m.group(2) if m.group(2) is not None else m.group(0)
+            if m.group(2) is not None and not env:  # like the shell: default when unset or empty
+                return m.group(2)
+            if env is None:
+                return m.group(0)
+            # A relative path in a variable means relative to where the user is, not to the recipe.
+            if m.start() == 0 and env and not env.startswith(("/", "~", "pipe:")) and "://" not in env:
+                return os.path.abspath(env)
+            return env
         return _VAR.sub(sub, value)
     return value
 
@@ -190,8 +199,20 @@ class Resolved:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def validate(data: dict, registry, plugin_names: set[str], base: Path | None = None,
-             path: Path | None = None) -> Resolved:
+PATH_FIELDS = (("data", "train"), ("model", "init"))
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Resolve the recipe's path fields (``data.train``, ``model.init``) against ``base``."""
+    data = copy.deepcopy(data)
+    for section, key in PATH_FIELDS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value:
+            data[section][key] = resolve_data_spec(value, base)
+    return data
+
+
+def validate(data: dict, registry, plugin_names: set[str], path: Path | None = None) -> Resolved:
     """Validate a recipe dict in two passes. Raises RecipeError listing every problem."""
     data = expand_vars(data)
     # Pass one: core sections, components only by name.
@@ -206,12 +227,6 @@ def validate(data: dict, registry, plugin_names: set[str], base: Path | None = N
             problems.append(f"requires: plugin '{plugin}' is not installed or is disabled; install it with `{hint}`")
     if problems:
         raise RecipeError(problems)
-    if base is not None and recipe.data.train:
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
-            update={"train": resolve_data_spec(recipe.data.train, base)})})
-    if base is not None and recipe.model.init and not Path(recipe.model.init).is_absolute():
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
-            update={"init": str((base / recipe.model.init).resolve())})})
     # Pass two: each component's own Config gets only its own section.
     components: dict[str, tuple[Entry, ComponentConfig]] = {}
     for kind in COMPONENT_SECTIONS:
@@ -242,18 +257,21 @@ def load_recipe(spec: str | os.PathLike | dict, overrides: list[str] | None = No
     """Load, override and validate a recipe given as a path, an installed name, or a dict.
 
     ``extra`` merges section dicts (``{"train": {"steps": 10}}``) before the ``--set`` overrides.
+    Relative paths written in a recipe file resolve against the file's folder; relative paths given
+    as overrides (or in a dict recipe) resolve against the current directory.
     """
     from ..plugins import get_plugins
 
     plugins = plugins or get_plugins()
     if isinstance(spec, dict):
-        data, path, base = spec, None, Path.cwd()
+        data, path = resolve_paths(expand_vars(spec), Path.cwd()), None
     else:
         path = find_recipe(spec)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{path.name}: not valid TOML: {e}") from None
-        base = path.resolve().parent
-    data = apply_overrides(deep_merge(data, extra or {}), overrides or [])
-    return validate(data, plugins.registry, set(plugins.infos), base, path)
+        data = resolve_paths(expand_vars(data), path.resolve().parent)
+    changes = apply_overrides(copy.deepcopy(extra or {}), overrides or [])
+    data = deep_merge(data, resolve_paths(expand_vars(changes), Path.cwd()))
+    return validate(data, plugins.registry, set(plugins.infos), path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from pydantic import BaseModel
 
@@ -21,14 +22,21 @@ def _default(field) -> str:
 
 
 def _type(field) -> str:
-    return str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    """A readable type: ``int``, ``float, optional``, ``"l2" | "lp"``, ``[float, float]``."""
+    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    optional = text.endswith(" | None")
+    text = text.removesuffix(" | None")
+    if text.startswith("Literal["):
+        text = " \\| ".join(f'"{v.strip().strip(chr(39))}"' for v in text[8:-1].split(","))
+    text = re.sub(r"tuple\[(.*)\]", r"[\1]", text).replace(" | ", " \\| ")
+    return text + (", optional" if optional else "")
 
 
 def _fields_table(model: type[BaseModel]) -> list[str]:
     lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{name}` | `{_type(field)}` | {_default(field)} | {desc} |")
+        lines.append(f"| `{name}` | {_type(field)} | {_default(field)} | {desc} |")
     return lines
 
 

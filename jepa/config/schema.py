@@ -65,16 +65,16 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW; biases and 1-D parameters (norms, mask token) get no weight decay."""
+    """AdamW; biases and 1-D parameters (LayerNorm weights) get no weight decay, as in the reference."""
 
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW, fused where available).")
     lr: float = Field(1e-3, ge=0, description="Peak learning rate, reached at the end of warm-up.")
     start_lr: float = Field(2e-4, ge=0, description="Learning rate at step 0 (linear warm-up to `lr`).")
     final_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine decay.")
     weight_decay: float = Field(0.04, ge=0, description="Weight decay at step 0.")
     final_weight_decay: float = Field(0.4, ge=0, description="Weight decay at the end (cosine-shaped ramp, as in the reference code).")
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     clip_grad: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
 
 

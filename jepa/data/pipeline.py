@@ -63,7 +63,7 @@ class PretrainDataset(Dataset):
         self.index, self.source, self.grid_fn, self.masker = index, source, grid_fn, masker
         self.seed, self.shuffle = seed, shuffle
         self.reader = Reader()
-        self._perm: tuple[int, list[int]] | None = None
+        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, permutation), one epoch cached
 
     def __len__(self) -> int:
         return len(self.index)
@@ -76,8 +76,8 @@ class PretrainDataset(Dataset):
             return epoch, i
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "perm", epoch) & 0x7FFF_FFFF_FFFF_FFFF)
-            self._perm = (epoch, torch.randperm(n, generator=g).tolist())
-        return epoch, self._perm[1][i]
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        return epoch, int(self._perm[1][i])
 
     def __getitem__(self, position: int):
         epoch, i = self.sample_index(position)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config.load import Resolved
+from ..errors import RecipeError
 from .jepa import build_jepa, resolve_arch
 from .vit import set_attention
 
@@ -30,12 +31,13 @@ def _count(module: torch.nn.Module) -> int:
 def example_masks(resolved: Resolved, batch: int, seed: int = 0):
     """Index tensors of a typical batch (masks drawn from the recipe's masker, padded)."""
     from ..data.pipeline import Collate
+    from ..train.trainer import token_grid
 
     source_cls, source_cfg = resolved.component("source")
     tok_cls, tok_cfg = resolved.component("tokenizer")
     masker_cls, masker_cfg = resolved.component("masker")
     shape = source_cls(source_cfg).sample_shape()
-    grid = tok_cls.grid_for(tok_cfg, shape)
+    grid = token_grid(tok_cls, tok_cfg, shape)
     masker = masker_cls(masker_cfg)
     masker.check(grid)
     items = [(torch.zeros(0), masker(grid, random.Random(seed + i)), -1, i) for i in range(batch)]
@@ -46,7 +48,10 @@ def example_masks(resolved: Resolved, batch: int, seed: int = 0):
 def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
     r = resolved.recipe
     world = world_size or r.dist.world_size
-    per_device = max(1, r.data.batch_size // (world * r.train.grad_accum))
+    per_device, rem = divmod(r.data.batch_size, world * r.train.grad_accum)
+    if rem or not per_device:
+        raise RecipeError(f"data.batch_size: global batch {r.data.batch_size} is not divisible by dist.world_size "
+                          f"{world} x train.grad_accum {r.train.grad_accum}")
     tok_cls, tok_cfg = resolved.component("tokenizer")
     model = build_jepa(r.model, r.loss, tok_cls, tok_cfg, device="meta")
     set_attention(model, "math")
@@ -83,7 +88,13 @@ def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
     state_bytes = 4 * (n_enc + n_pred) * 4 + 4 * n_enc  # weights + grads + 2 Adam moments, + target weights
     memory = state_bytes + enc_act + pred_act + target_act
     flops_step = micro_flops * r.train.grad_accum * world
+    steps = r.train.steps
+    if steps is None and r.train.epochs and r.data.num_samples:
+        steps = int(-(-r.train.epochs * r.data.num_samples // r.data.batch_size))
     return {
+        "total_steps": steps,
+        "epochs": steps * r.data.batch_size / r.data.num_samples if steps and r.data.num_samples else None,
+        "total_flops": flops_step * steps if steps else None,
         "params": {"encoder": n_enc, "predictor": n_pred, "target_encoder": _count(model.target_encoder)},
         "arch": arch,
         "grid": list(grid),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.console import Console
 
 from ..config.load import Resolved
 from ..data import PretrainDataset, StepBatchSampler, build_index, build_loader
-from ..errors import CheckpointError, JepaError
+from ..errors import CheckpointError, JepaError, RecipeError
 from ..model import JEPA, build_jepa, ema_update, set_attention
 from .checkpoint import (
     NETWORKS,
@@ -60,7 +61,7 @@ def pick_precision(spec: str, device: torch.device) -> str:
     if spec != "auto":
         return spec
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
@@ -70,6 +71,16 @@ def pick_attention(spec: str, device: torch.device, precision: str) -> str:
     if spec != "auto":
         return spec
     return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
+
+
+def token_grid(tok_cls, tok_cfg, sample_shape) -> tuple[int, ...]:
+    """The tokenizer's grid for the source's samples; a mismatch is a recipe error (exit 2)."""
+    try:
+        return tok_cls.grid_for(tok_cfg, tuple(sample_shape))
+    except RecipeError:
+        raise
+    except JepaError as e:
+        raise RecipeError(str(e)) from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -107,6 +118,9 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.versions = versions or {}
         r = self.recipe
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise JepaError("distributed training under torchrun is not supported by this version yet; "
+                            "run one process (it uses every core or the one GPU)")
         if not r.data.train:
             raise JepaError("data.train: no training data given; set it in the recipe or with --set data.train=PATH")
         self.device = pick_device(r.run.device)
@@ -119,14 +133,17 @@ class Trainer:
         masker_cls, masker_cfg = resolved.component("masker")
         self.source = source_cls(source_cfg)
         self.masker = masker_cls(masker_cfg)
-        self.grid = tok_cls.grid_for(tok_cfg, self.source.sample_shape())
+        self.grid = token_grid(tok_cls, tok_cfg, self.source.sample_shape())
         self.masker.check(self.grid)
         self.index = build_index(r.data.train)
-        self.steps_per_epoch = max(1, len(self.index) // r.data.batch_size)
+        for bad in self.index.bad_shards:
+            self.console.print(f"[yellow]warning:[/] skipped a shard that cannot be read: {bad}", highlight=False)
+        num_samples = r.data.num_samples or len(self.index)
+        self.steps_per_epoch = max(1, num_samples // r.data.batch_size)
         if r.train.steps:
             self.total_steps = r.train.steps
         elif r.train.epochs:
-            self.total_steps = max(1, math.ceil(r.train.epochs * len(self.index) / r.data.batch_size))
+            self.total_steps = max(1, math.ceil(r.train.epochs * num_samples / r.data.batch_size))
         else:
             raise JepaError("train.steps: give the training length as train.steps or train.epochs")
         self.schedules = build_schedules(r, self.total_steps, self.steps_per_epoch)
@@ -136,6 +153,9 @@ class Trainer:
         torch.manual_seed(r.run.seed)
         self.model: JEPA = build_jepa(r.model, r.loss, tok_cls, tok_cfg).to(self.device)
         set_attention(self.model, self.attention)
+        if r.train.compile:
+            for net in (self.model.encoder, self.model.predictor, self.model.target_encoder):
+                net.compile(dynamic=True)  # in place: parameter names (and checkpoints) stay the same
         self.optimizer = build_optimizer(r.optim, self.model.encoder, self.model.predictor, device=self.device)
         self.start_step = 0
         self._prepare_run_dir(resume, allow_changes)
@@ -260,6 +280,7 @@ class Trainer:
             "checkpoint": str(last_ckpt) if last_ckpt else None, "precision": self.precision,
             "attention": self.attention, "device": str(self.device), "samples": len(self.index),
             "skipped": dict(self.skipped + Counter(self.skipped_prev)), "skipped_examples": self.skipped_examples[:20],
+            "bad_shards": self.index.bad_shards,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -44,20 +44,17 @@ def _range_str(r: tuple[float, float]) -> str:
 class MultiBlockConfig(ComponentConfig):
     """Settings of the I-JEPA multi-block masker (the ``[masker]`` section of a recipe)."""
 
-    #: number of target blocks per sample
-    num_targets: int = Field(4, ge=1)
-    #: fraction of the grid's tokens covered by one target block, drawn uniformly in ``[lo, hi]``
-    target_scale: tuple[float, float] = (0.15, 0.2)
-    #: height / width of a target block, drawn log-uniformly in ``[lo, hi]``
-    target_aspect: tuple[float, float] = (0.75, 1.5)
-    #: fraction of the grid's tokens covered by the context block (before removing the targets)
-    context_scale: tuple[float, float] = (0.85, 1.0)
-    #: height / width of the context block
-    context_aspect: tuple[float, float] = (1.0, 1.0)
-    #: minimum number of context tokens left after removing the targets
-    min_keep: int = Field(10, ge=1)
-    #: redraws of a whole sample before giving up with an error
-    max_attempts: int = Field(50, ge=1)
+    num_targets: int = Field(4, ge=1, description="Target blocks per sample.")
+    target_scale: tuple[float, float] = Field(
+        (0.15, 0.2), description="Fraction of the grid's tokens one target block covers, drawn uniformly in [lo, hi].")
+    target_aspect: tuple[float, float] = Field(
+        (0.75, 1.5), description="Height / width of a target block, drawn log-uniformly in [lo, hi].")
+    context_scale: tuple[float, float] = Field(
+        (0.85, 1.0), description="Fraction of the grid the context block covers, before the targets are removed.")
+    context_aspect: tuple[float, float] = Field((1.0, 1.0), description="Height / width of the context block.")
+    min_keep: int = Field(10, ge=1, description="Minimum context tokens left after removing the targets.")
+    max_attempts: int = Field(50, ge=1, description="Redraws of a whole sample before giving up with an error "
+                              "(never by relaxing a constraint).")
 
     @field_validator("target_scale", "context_scale")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from jepa import ComponentConfig, SampleError, Source
 
@@ -32,17 +32,29 @@ class ImageSourceConfig(ComponentConfig):
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel mean for normalisation.")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="Per-channel std for normalisation.")
     eval_crop_ratio: float = Field(0.875, gt=0, le=1, description="Evaluation: resize the short side to crop/ratio, centre crop.")
-    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    interpolation: Literal["bilinear", "bicubic"] = Field("bicubic", description="Resampling filter for crops and resizes.")
     max_pixels: int = Field(64_000_000, gt=0, description="Larger images are skipped as decompression bombs.")
 
-    @model_validator(mode="after")
-    def _ranges(self):
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError("crop_ratio must satisfy 0 < low <= high")
-        return self
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v):
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("must satisfy 0 < low <= high <= 1")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must satisfy 0 < low <= high")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _size(cls, v):
+        if any(c <= 0 for c in ((v, v) if isinstance(v, int) else v)):
+            raise ValueError("crop sizes must be positive")
+        return v
 
     @property
     def size_hw(self) -> tuple[int, int]:
