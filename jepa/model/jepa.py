@@ -53,17 +53,18 @@ class JEPA(nn.Module):
             return h_norm[rows, target_idx].reshape(m * b, kt, -1), h
 
     def forward(self, x: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-                context_valid: torch.Tensor | None = None, target_valid: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                context_valid: torch.Tensor | None = None, target_valid: torch.Tensor | None = None,
+                with_stats: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training forward pass.
 
         Args:
             x: input batch.
             context_idx: ``[B, Nc]`` context token indices; ``context_valid`` marks real entries.
             target_idx: ``[M, B, Kt]`` target token indices per target set; ``target_valid`` likewise.
+            with_stats: also compute the statistics (the trainer asks only on logging steps).
 
         Returns:
-            The loss and detached statistics (feature spread, to watch for collapse).
+            The loss and detached statistics (feature spread, to watch for collapse), or ``{}``.
         """
         m, b, kt = target_idx.shape
         target, h = self.targets(x, target_idx)
@@ -73,6 +74,8 @@ class JEPA(nn.Module):
         valid = target_valid.reshape(m * b, kt) if target_valid is not None else None
         cfg = self.loss_cfg
         loss = regression_loss(pred, target, valid, cfg.kind, cfg.p, cfg.beta)
+        if not with_stats:
+            return loss, {}
         with torch.no_grad():
             stats = {
                 "target_std": h.float().mean(dim=1).std(dim=0).mean(),

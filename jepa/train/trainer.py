@@ -236,13 +236,14 @@ class Trainer:
             for step in range(self.start_step, self.end_step):
                 hp = self.schedules(step)
                 set_hparams(self.optimizer, hp["lr"], hp["wd"])
-                for _ in range(accum):
+                log_step = (step + 1) % log_every == 0 or step + 1 == self.end_step
+                for micro in range(accum):
                     batch = next(batches)
                     self._count_skipped(batch.skipped)
                     batch = batch.to(self.device)
                     with autocast:
-                        loss, stats = self.model(batch.x, batch.context_idx, batch.target_idx,
-                                                 batch.context_valid, batch.target_valid)
+                        loss, stats = self.model(batch.x, batch.context_idx, batch.target_idx, batch.context_valid,
+                                                 batch.target_valid, with_stats=log_step and micro == accum - 1)
                     (loss / accum).backward()
                     loss_sum += loss.detach() / accum
                     interval_samples += len(batch)
@@ -252,7 +253,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 ema_update(self.model.target_encoder, self.model.encoder, hp["momentum"])
                 done = step + 1
-                if done % log_every == 0 or done == self.end_step:
+                if log_step:
                     # The only host synchronisation of the loop: once per log interval.
                     n = (done - 1) % log_every + 1
                     elapsed = time.perf_counter() - t_interval
