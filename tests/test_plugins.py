@@ -90,3 +90,12 @@ def test_cli_lists_plugins_as_json(jepa_cli):
     listing = json.loads(out)
     assert {"name", "distribution", "version", "builtin", "hooks", "components"} <= set(listing[0])
     assert any(p["name"] == "image" and "multiblock" in p["components"]["masker"] for p in listing)
+
+
+def test_the_pinned_torch_triple_loads_together():
+    """torchaudio's native library must load next to this torch (a mismatched wheel fails here)."""
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    feats = kaldi.fbank(torch.randn(1, 8000), sample_frequency=8000, num_mel_bins=64)
+    assert feats.shape == (98, 64)
