@@ -43,5 +43,18 @@ def jepa_register_commands(app: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def jepa_convert_checkpoint(state: dict, source: str) -> dict | None:
-    """Turn a foreign checkpoint ``state`` (loaded from file ``source``) into ours, or return None."""
+def jepa_convert_checkpoint(state: dict, source: str, options: dict) -> Any:
+    """Turn a foreign checkpoint into ours, or return None if it is not yours to convert.
+
+    ``state`` is what ``source`` holds, loaded safely (``torch.load(weights_only=True, mmap=True)`` for
+    a file; ``{"config": dict, "weights": dict}`` for a folder of ``config.json`` + ``model.safetensors``).
+    ``options`` holds what the user told ``jepa import`` (e.g. ``num_heads`` for a non-standard width).
+    Return a :class:`jepa.interop.Converted`. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def jepa_export_checkpoint(model: Any, fmt: str, out: str, which: str) -> list[str] | None:
+    """Write the ``which`` encoder of ``model`` (a :class:`jepa.api.Pretrained`) to folder ``out`` in
+    format ``fmt`` (e.g. ``"timm"``, ``"hf"``); return the files written, or None if ``fmt`` or this
+    model is not yours. First result wins."""

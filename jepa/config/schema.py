@@ -40,7 +40,11 @@ class ModelConfig(Section):
     predictor_embed_dim: int | None = Field(None, gt=0, description="Predictor width (default by size: 384 from base up).")
     predictor_depth: int | None = Field(None, gt=0, description="Predictor depth (default by size: B 6, L/H 12, G 16).")
     predictor_num_heads: int | None = Field(None, gt=0, description="Predictor heads (default: the encoder's).")
-    init: str | None = Field(None, description="Checkpoint to initialise all three networks from (continue pretraining).")
+    pos_embed: Literal["sincos", "learned"] = Field(
+        "sincos", description="Fixed sin-cos position embeddings from token coordinates (I-JEPA), or learned ones "
+        "(stored for `pos_grid`, interpolated for other grids; used for imported weights that are not sin-cos).")
+    pos_grid: list[int] | None = Field(None, description="Grid of learned position embeddings (default: the training grid).")
+    init: str | None = Field(None, description="Checkpoint to initialise the networks from (continue pretraining).")
 
 
 class ComponentSection(BaseModel):

@@ -53,9 +53,9 @@ def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
         raise RecipeError(f"data.batch_size: global batch {r.data.batch_size} is not divisible by dist.world_size "
                           f"{world} x train.grad_accum {r.train.grad_accum}")
     tok_cls, tok_cfg = resolved.component("tokenizer")
-    model = build_jepa(r.model, r.loss, tok_cls, tok_cfg, device="meta")
-    set_attention(model, "math")
     shape, grid, b = example_masks(resolved, per_device)
+    model = build_jepa(r.model, r.loss, tok_cls, tok_cfg, device="meta", grid=grid)
+    set_attention(model, "math")
     x = torch.empty(per_device, *shape, device="meta")
 
     def to_meta(t):

@@ -85,12 +85,37 @@ class JEPA(nn.Module):
 
 
 def build_jepa(model_cfg: ModelConfig, loss_cfg: LossConfig, tokenizer_cls: type, tokenizer_cfg,
-               device: str | torch.device = "cpu") -> JEPA:
-    """Build the three networks. On ``device="meta"`` nothing is allocated (cost estimates)."""
+               device: str | torch.device = "cpu", grid: tuple[int, ...] | None = None) -> JEPA:
+    """Build the three networks. On ``device="meta"`` nothing is allocated (cost estimates).
+
+    ``grid`` is the training token grid; learned position embeddings are stored for it.
+    """
     arch = resolve_arch(model_cfg)
+    pos_grid = None
+    if model_cfg.pos_embed == "learned":
+        pos_grid = tuple(model_cfg.pos_grid or grid or ())
+        if not pos_grid:
+            raise ValueError("learned position embeddings need model.pos_grid or the training grid")
     with torch.device(device):
         tokenizer = tokenizer_cls(tokenizer_cfg, arch["embed_dim"])
-        encoder = Encoder(tokenizer, arch["depth"], arch["num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias)
+        encoder = Encoder(tokenizer, arch["depth"], arch["num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias,
+                          pos_grid=pos_grid)
         predictor = Predictor(arch["embed_dim"], arch["predictor_embed_dim"], arch["predictor_depth"],
                               arch["predictor_num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias)
         return JEPA(encoder, predictor, loss_cfg)
+
+
+def training_grid(resolved) -> tuple[int, ...]:
+    """The token grid of the recipe's training samples (tokenizer grid of the source's sample shape)."""
+    from ..train.trainer import token_grid
+
+    source_cls, source_cfg = resolved.component("source")
+    tok_cls, tok_cfg = resolved.component("tokenizer")
+    return token_grid(tok_cls, tok_cfg, source_cls(source_cfg).sample_shape())
+
+
+def build_from_recipe(resolved, device: str | torch.device = "cpu") -> JEPA:
+    """Build the networks a resolved recipe describes."""
+    tok_cls, tok_cfg = resolved.component("tokenizer")
+    r = resolved.recipe
+    return build_jepa(r.model, r.loss, tok_cls, tok_cfg, device=device, grid=training_grid(resolved))

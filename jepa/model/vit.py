@@ -82,10 +82,29 @@ class PosEmbedCache(nn.Module):
         return self._cache[key]
 
 
+def resample_grid(table: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...]) -> torch.Tensor:
+    """Interpolate per-token values ``[N_src, D]`` laid out on grid ``src`` onto grid ``dst``.
+
+    Bicubic for 2-D grids, linear for 1-D, trilinear for 3-D (learned position embeddings at a new
+    input size).
+    """
+    if src == dst:
+        return table
+    modes = {1: "linear", 2: "bicubic", 3: "trilinear"}
+    if len(src) not in modes or len(src) != len(dst):
+        raise ValueError(f"cannot resample a {len(src)}-D grid {src} to {dst}")
+    x = table.T.reshape(1, table.shape[1], *src).float()
+    x = F.interpolate(x, size=dst, mode=modes[len(src)], align_corners=False)
+    return x.reshape(table.shape[1], -1).T.to(table.dtype)
+
+
 class Encoder(nn.Module):
-    """A ViT trunk over a tokenizer: tokens + fixed sin-cos positions -> blocks -> final LayerNorm.
+    """A ViT trunk over a tokenizer: tokens + positions -> blocks -> final LayerNorm.
 
     No [cls] token. ``keep`` restricts the sequence to a subset of tokens (the context encoder).
+    Positions are fixed sin-cos embeddings computed from the token coordinates of any grid (the
+    default, as in I-JEPA), or learned embeddings stored for ``pos_grid`` and interpolated to other
+    grids (for imported weights whose position embeddings are not sin-cos).
 
     Args:
         tokenizer: turns a batch into ``[B, N, D]`` tokens and declares the grid.
@@ -93,15 +112,20 @@ class Encoder(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / embedding width.
         qkv_bias: bias on the q, k, v projections.
+        pos_grid: if given, learn position embeddings on this grid instead of using sin-cos.
     """
 
     def __init__(self, tokenizer: Tokenizer, depth: int, num_heads: int, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, pos_grid: tuple[int, ...] | None = None):
         super().__init__()
         self.embed_dim = tokenizer.embed_dim
         self.num_heads = num_heads
         self.patch_embed = tokenizer
         self.pos = PosEmbedCache(self.embed_dim)
+        self.pos_grid = tuple(pos_grid) if pos_grid else None
+        if self.pos_grid:
+            init = sincos_pos_embed(tokenizer.coords(self.pos_grid), self.embed_dim)
+            self.pos_embed_learned = nn.Parameter(init.unsqueeze(0))
         self.blocks = make_blocks(self.embed_dim, depth, num_heads, mlp_ratio, qkv_bias)
         self.norm = LayerNorm(self.embed_dim)
         init_weights(self)
@@ -111,6 +135,9 @@ class Encoder(nn.Module):
         return self.patch_embed.grid(tuple(x.shape[1:]))
 
     def pos_embed(self, grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Position embeddings ``[N, D]`` for ``grid``."""
+        if self.pos_grid:
+            return resample_grid(self.pos_embed_learned[0], self.pos_grid, tuple(grid))
         return self.pos(self.patch_embed.coords, grid, device)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, keep_valid: torch.Tensor | None = None,

@@ -59,38 +59,53 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module], state: dict, meta: dict,
-                    recipe_toml: str, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep_last``."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def write_checkpoint(final: Path, networks: dict[str, torch.nn.Module | dict], state: dict, meta: dict,
+                     recipe_toml: str) -> Path:
+    """Write a checkpoint directory atomically: a temporary sibling, every file fsynced, then renamed.
+
+    ``networks`` maps names to modules or state dicts; they are written one at a time, so converting
+    a large imported checkpoint never holds more than one network's serialised copy in memory.
+    """
     for name, net in networks.items():
-        for p in net.parameters():
-            if not torch.isfinite(p).all():
-                raise CheckpointError(f"refusing to write checkpoint at step {step}: {name} has non-finite weights")
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step_{step:06d}-"))
+        tensors = net.state_dict().values() if isinstance(net, torch.nn.Module) else net.values()
+        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+            raise CheckpointError(f"refusing to write checkpoint {final.name}: {name} has non-finite weights")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
         files = []
         for name, net in networks.items():
-            save_file(_contiguous(net.state_dict()), str(tmp / f"{name}.safetensors"))
+            sd = net.state_dict() if isinstance(net, torch.nn.Module) else net
+            save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
             files.append(tmp / f"{name}.safetensors")
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.toml").write_text(recipe_toml)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "networks": sorted(networks)}, indent=2))
         files += [tmp / "state.pt", tmp / "recipe.toml", tmp / "meta.json"]
-        for f in files:
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in files:  # temporary files are private; the finished checkpoint gets the usual permissions
+            os.chmod(f, 0o666 & ~umask)
             _fsync_file(f)
+        os.chmod(tmp, 0o777 & ~umask)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
+        _fsync_dir(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint at step {step} ({e.strerror or e}); "
-                                  f"the previous checkpoint is intact") from None
+            raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); "
+                                  f"any previous checkpoint is intact") from None
         raise
+    return final
+
+
+def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module], state: dict, meta: dict,
+                    recipe_toml: str, keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep_last``."""
+    final = write_checkpoint(ckpt_root / f"step_{step:06d}", networks, state, {**meta, "step": step}, recipe_toml)
     write_text_atomic(ckpt_root / "latest", final.name + "\n")
     prune(ckpt_root, keep_last)
     return final
@@ -139,8 +154,13 @@ def load_meta(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint: cannot read {ckpt / 'meta.json'}: {e}") from None
 
 
+def present_networks(ckpt: Path) -> list[str]:
+    """Which of the three networks a checkpoint holds (an imported encoder-only port holds one)."""
+    return [n for n in NETWORKS if (ckpt / f"{n}.safetensors").is_file()]
+
+
 def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module], strict: bool = True) -> None:
-    """Load the safetensors weights of ``networks`` present in ``ckpt``; shape mismatches are errors."""
+    """Load the safetensors weights of ``networks`` from ``ckpt``; a missing file or a mismatch is an error."""
     for name, net in networks.items():
         f = ckpt / f"{name}.safetensors"
         if not f.is_file():
@@ -149,6 +169,11 @@ def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module], strict: bool
             state = load_file(str(f))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"checkpoint: {f} is unreadable or truncated: {e}") from None
+        own = net.state_dict()
+        for key, value in state.items():
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointError(f"checkpoint: {name} does not match this model: {key} has shape "
+                                      f"{list(value.shape)} in the checkpoint, {list(own[key].shape)} here")
         try:
             net.load_state_dict(state, strict=strict)
         except RuntimeError as e:

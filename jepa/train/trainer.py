@@ -26,6 +26,7 @@ from .checkpoint import (
     list_checkpoints,
     load_networks,
     load_state,
+    present_networks,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -151,7 +152,7 @@ class Trainer:
 
         # Model and optimizer. Seeded, so a fresh run is reproducible.
         torch.manual_seed(r.run.seed)
-        self.model: JEPA = build_jepa(r.model, r.loss, tok_cls, tok_cfg).to(self.device)
+        self.model: JEPA = build_jepa(r.model, r.loss, tok_cls, tok_cfg, grid=self.grid).to(self.device)
         set_attention(self.model, self.attention)
         if r.train.compile:
             for net in (self.model.encoder, self.model.predictor, self.model.target_encoder):
@@ -160,11 +161,26 @@ class Trainer:
         self.start_step = 0
         self._prepare_run_dir(resume, allow_changes)
         if r.model.init and self.start_step == 0:
-            init = resolve_checkpoint(r.model.init)
-            load_networks(init, self.networks())
-            self.console.print(f"initialised networks from {init}")
+            self._init_from(resolve_checkpoint(r.model.init))
         self.skipped: Counter = Counter()
         self.skipped_examples: list[str] = []
+
+    def _init_from(self, ckpt: Path) -> None:
+        """Initialise from a checkpoint; an encoder-only checkpoint seeds both encoders (the target
+        starts as a copy, as in a fresh run) and leaves the predictor freshly initialised."""
+        present = present_networks(ckpt)
+        if not present:
+            raise CheckpointError(f"model.init: {ckpt} holds no network weights")
+        load_networks(ckpt, {n: getattr(self.model, n) for n in present})
+        encoders = {"encoder", "target_encoder"}
+        if not encoders <= set(present):
+            src, dst = (("encoder", "target_encoder") if "encoder" in present else ("target_encoder", "encoder"))
+            if src in present:
+                getattr(self.model, dst).load_state_dict(getattr(self.model, src).state_dict())
+        missing = [n for n in NETWORKS if n not in present]
+        note = f" ({', '.join(missing)} not in the checkpoint: " + ("predictor freshly initialised, " if
+                "predictor" in missing else "") + "encoders copied from each other)" if missing else ""
+        self.console.print(f"initialised networks from {ckpt}{note}", highlight=False)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self.model, name) for name in NETWORKS}
