@@ -133,3 +133,9 @@ class Source(Component):
     def preprocess(self, raw: Any) -> torch.Tensor:
         """Evaluation transform of one raw input (a file path, bytes, or an in-memory object)."""
         raise NotImplementedError
+
+    def resized(self, size: Any) -> Source:
+        """A copy producing samples of another input size (evaluation at a new resolution)."""
+        from .errors import JepaError
+
+        raise JepaError(f"--input-size: the {type(self).__name__} source has no adjustable input size")

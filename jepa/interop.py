@@ -13,7 +13,10 @@ in a plugin's formats (``jepa_export_checkpoint``: the image plugin writes timm 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -101,22 +104,49 @@ def import_checkpoint(path: str | Path, out: str | Path, keep_optimizer: bool = 
 
     plugins = plugins or get_plugins()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise JepaError(f"import: {out} already exists and is not empty; choose another --out")
+    _check_out(out, "import")
     state = read_foreign(path)
     options = {"num_heads": num_heads} if num_heads else {}
-    converted = plugins.pm.hook.jepa_convert_checkpoint(state=state, source=str(path), options=options)
+    try:
+        converted = plugins.pm.hook.jepa_convert_checkpoint(state=state, source=str(path), options=options)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:  # a known format with parts missing
+        raise CheckpointError(f"import: {path} is malformed ({type(e).__name__}: {e}); found {describe(state)}") from None
     if converted is None:
         raise CheckpointError(f"import: no installed plugin recognises {path}: found {describe(state)} (expected a "
                               "reference I-JEPA checkpoint with encoder/predictor/target_encoder, or a Hugging Face "
                               "I-JEPA folder)")
     resolved = load_recipe(converted.recipe, plugins=plugins)
+    verify(resolved, converted.networks)
     meta = {"imported_from": str(Path(path).resolve()), "format": converted.source_format, "step": 0,
             "versions": {"jepa": __version__, **plugins.versions()}, **converted.info}
     extra = converted.extra_state if keep_optimizer else {}
     write_checkpoint(out, converted.networks, {"step": 0, "imported": True, **extra}, meta, resolved.to_toml())
     return {"checkpoint": str(out), "format": converted.source_format, "networks": sorted(converted.networks),
             "recipe": resolved.to_dict()["model"], **converted.info}
+
+
+def _check_out(out: Path, verb: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise JepaError(f"{verb}: {out} already exists and is not an empty folder; choose another --out")
+
+
+def verify(resolved, networks: dict[str, dict]) -> None:
+    """Build the model the recipe describes (on the meta device: nothing allocated) and check that every
+    converted state dict fits it exactly, so an import never writes a checkpoint that cannot load."""
+    from .model import build_from_recipe
+
+    try:
+        model = build_from_recipe(resolved, device="meta")
+    except (AssertionError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"import: the converted architecture cannot be built: {e}") from None
+    for name, state in networks.items():
+        own = getattr(model, name).state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        bad = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+        if missing or extra or bad:
+            detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
+                      f"{bad[0]} has shape {list(state[bad[0]].shape)}, the model {list(own[bad[0]].shape)}")
+            raise CheckpointError(f"import: the converted {name} does not fit its architecture: {detail}")
 
 
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, which: str = "target", plugins=None) -> list[str]:
@@ -128,14 +158,23 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, which: str = 
     model = load(ckpt)
     model.network(which)  # clear error if the checkpoint lacks it
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":
-        return export_safetensors(model, out, which)
-    written = plugins.pm.hook.jepa_export_checkpoint(model=model, fmt=fmt, out=str(out), which=which)
-    if written is None:
-        raise JepaError(f"export: no installed plugin writes format '{fmt}' for this model (formats: safetensors, "
-                        "and timm / hf for image models)")
-    return written
+    _check_out(out, "export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:  # written to a temporary folder, renamed when complete: a failed export leaves nothing behind
+        if fmt == "safetensors":
+            written = export_safetensors(model, tmp, which)
+        else:
+            written = plugins.pm.hook.jepa_export_checkpoint(model=model, fmt=fmt, out=str(tmp), which=which)
+        if written is None:
+            raise JepaError(f"export: no installed plugin writes format '{fmt}' for this model (formats: "
+                            "safetensors, and timm / hf for image models)")
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(out / Path(f).name) for f in written]
 
 
 def export_safetensors(model, out: Path, which: str) -> list[str]:

@@ -111,10 +111,16 @@ def test_env_vars_expand(monkeypatch):
 
 
 def test_installed_recipes_all_validate():
+    from jepa.cli.eval_cmd import settings
+    from jepa.cli.recipe_cmd import is_probe_recipe
+
     names = {p.stem for p in list_recipes()}
-    assert {"quickstart", "image_vith14", "image_vitb16", "image_cifar10_cpu"} <= names
+    assert {"quickstart", "image_vith14", "image_vitb16", "image_cifar10_cpu", "probe_quickstart"} <= names
     for p in list_recipes():
-        load_recipe(p)
+        if is_probe_recipe(p):
+            assert settings(str(p)).train.endswith(".tar")
+        else:
+            load_recipe(p)
 
 
 def test_recipe_by_name_and_typo_in_name():

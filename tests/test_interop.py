@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 import jepa
 from jepa import CheckpointError, JepaError
 from jepa.api import run_pretrain
+from jepa.components import grid_coords
 from jepa.interop import export_checkpoint, import_checkpoint
+from jepa.model import sincos_pos_embed
 
 from .conftest import tiny_recipe
 
@@ -241,3 +243,120 @@ def make_reference_checkpoint(path: str) -> int:
                   "param_groups": [{"lr": 1e-3, "params": list(range(len(params)))}]}
     torch.save(ref, path)
     return weights_bytes(path)
+
+
+# --------------------------------------------------------------------------- review findings, pinned down
+def test_released_shapes_map_to_their_timm_names_with_identical_architecture():
+    timm = pytest.importorskip("timm")
+    from jepa_image.interop import TIMM_GENERIC, timm_architecture
+
+    from jepa.config import load_recipe
+    from jepa.model import build_from_recipe
+
+    cases = [("vit_huge", 14, 224, "vit_huge_patch14_gap_224"), ("vit_huge", 16, 448, "vit_huge_patch16_gap_448"),
+             ("vit_giant", 16, 224, "vit_giant_patch16_gap_224"), ("vit_huge", 16, 224, TIMM_GENERIC),
+             ("vit_base", 16, 224, TIMM_GENERIC)]  # timm's vit_base gap model has 16 heads, I-JEPA's B/16 12
+    for size, patch, img, expected in cases:
+        r = load_recipe(tiny_recipe(model={"size": size}, tokenizer={"patch_size": patch}, source={"crop_size": img}))
+        enc = build_from_recipe(r, device="meta").encoder
+        arch = {"embed_dim": enc.embed_dim, "depth": len(enc.blocks), "num_heads": enc.num_heads,
+                "mlp_ratio": enc.blocks[0].mlp.fc1.out_features / enc.embed_dim, "patch": (patch, patch),
+                "in_chans": 3, "img": (img, img)}
+        name, args = timm_architecture(arch)
+        assert name == expected, (size, patch, img)
+        if name == TIMM_GENERIC:
+            continue
+        with torch.device("meta"):  # by name alone (no model_args): same tensors, same shapes
+            theirs = timm.create_model(name, pretrained=False, num_classes=0).state_dict()
+        ours = {k: v.shape for k, v in enc.state_dict().items()} | {"pos_embed": (1, (img // patch) ** 2, enc.embed_dim)}
+        assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v) for k, v in ours.items()}
+        assert theirs["blocks.0.attn.qkv.weight"].shape[0] == 3 * enc.embed_dim and enc.num_heads == 16
+
+
+def test_giant_mlp_ratio_predictor_uses_the_reference_ratio(tmp_path):
+    """ViT-g's encoder MLP ratio is 48/11 but the reference predictor's is 4."""
+    r = load_recipe_dict(model={"size": "vit_tiny", "depth": 1, "mlp_ratio": 48 / 11, "predictor_depth": 1,
+                                "predictor_embed_dim": 48})
+    from jepa.model import build_from_recipe
+
+    model = build_from_recipe(r)
+    assert model.predictor.predictor_blocks[0].mlp.fc1.out_features == 4 * 48
+    assert model.encoder.blocks[0].mlp.fc1.out_features == int(192 * 48 / 11)
+
+
+def load_recipe_dict(**sections):
+    from jepa.config import load_recipe
+
+    return load_recipe(tiny_recipe(**sections))
+
+
+def test_heads_are_never_taken_from_a_size_preset_over_the_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.IJepaConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=8, intermediate_size=1536,
+                                   image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.IJepaModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    import_checkpoint(tmp_path / "hf", tmp_path / "ck")
+    m = jepa.load(tmp_path / "ck")
+    assert m.encoder.num_heads == 8  # (384, 12) is vit_small's shape, whose preset has 6 heads
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode(x, "context"), hf(x).last_hidden_state, atol=1e-4, rtol=0)
+
+
+def test_half_precision_checkpoints_keep_sincos_positions(tmp_path):
+    state = torch.load(FIXTURE / "ijepa_tiny.pth.tar", weights_only=True)
+    for net in ("encoder", "predictor", "target_encoder"):
+        state[net] = {k: v.half() for k, v in state[net].items()}
+    torch.save(state, tmp_path / "fp16.pth.tar")
+    import_checkpoint(tmp_path / "fp16.pth.tar", tmp_path / "ck", num_heads=3)
+    assert jepa.load(tmp_path / "ck").resolved.recipe.model.pos_embed == "sincos"
+
+
+@pytest.mark.parametrize("case", ["no_encoders", "predictor_parts_missing", "out_is_a_file"])
+def test_malformed_imports_are_one_line_errors(case, tmp_path, jepa_cli):
+    state = torch.load(FIXTURE / "ijepa_tiny.pth.tar", weights_only=True)
+    out = tmp_path / "ck"
+    if case == "no_encoders":
+        state = {"target_encoder": None, "predictor": state["predictor"]}
+    elif case == "predictor_parts_missing":
+        state["predictor"] = {k: v for k, v in state["predictor"].items() if "predictor_embed" not in k}
+    else:
+        out.write_text("not a folder")
+    torch.save(state, tmp_path / "in.pth.tar")
+    code, _, err = jepa_cli("import", str(tmp_path / "in.pth.tar"), "--out", str(out), "--num-heads", "3")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(trained, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(JepaError, match="not an empty folder"):
+        export_checkpoint(trained, "timm", tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(JepaError, match="no installed plugin writes format 'onnx'"):
+        export_checkpoint(trained, "onnx", tmp_path / "none")
+    assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_encoder_only_checkpoint_seeds_both_encoders_and_a_fresh_predictor(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.IJepaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                   image_size=32, patch_size=4, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.IJepaModel(cfg)
+    with torch.no_grad():  # released ports carry the fixed sin-cos table
+        hf.embeddings.position_embeddings.copy_(sincos_pos_embed(grid_coords((8, 8)), 64)[None])
+    hf.save_pretrained(tmp_path / "hf")
+    import_checkpoint(tmp_path / "hf", tmp_path / "ck")
+    frozen = {"lr": 0.0, "start_lr": 0.0, "final_lr": 0.0, "weight_decay": 0.0, "final_weight_decay": 0.0}
+    recipe = tiny_recipe(steps=1, optim=frozen, ema={"momentum": 1.0},
+                         model={"size": "vit_test", "init": str(tmp_path / "ck")})
+    run_pretrain(recipe, tmp_path / "run")
+    m, src = jepa.load(tmp_path / "run"), jepa.load(tmp_path / "ck")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m.encode(x, "target"), src.encode(x, "context"))
+    torch.testing.assert_close(m.encode(x, "context"), src.encode(x, "context"))
+    assert m.predictor is not None

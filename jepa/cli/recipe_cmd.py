@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import tomli_w
 import typer
 from rich.table import Table
 
@@ -12,6 +13,17 @@ app = typer.Typer(no_args_is_help=True, help="Validate and inspect recipes.")
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a.b=value (TOML literal). Repeatable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def is_probe_recipe(path) -> bool:
+    """Probe recipes (``jepa eval probe RECIPE``) name a checkpoint and have no model sections."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return "checkpoint" in data and "tokenizer" not in data
 
 
 def _describe(path) -> str:
@@ -27,15 +39,17 @@ def list_recipes(as_json: JsonOpt = False) -> None:
     from ..config import list_recipes as _list
     from . import out_console
 
-    rows = [{"name": p.stem, "path": str(p), "description": _describe(p)} for p in _list()]
+    rows = [{"name": p.stem, "kind": "probe" if is_probe_recipe(p) else "pretrain", "path": str(p),
+             "description": _describe(p)} for p in _list()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="installed recipes")
     table.add_column("name")
+    table.add_column("kind")
     table.add_column("description")
     for r in rows:
-        table.add_row(r["name"], r["description"])
+        table.add_row(r["name"], r["kind"], r["description"])
     out_console.print(table)
 
 
@@ -50,10 +64,17 @@ def _human(n: float) -> str:
 def check(recipe: Annotated[str, typer.Argument(help="Recipe path or installed recipe name.")],
           overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Validate a recipe without training; print the resolved recipe and its cost."""
-    from ..config import load_recipe
+    from ..config import find_recipe, load_recipe
     from ..model.cost import estimate
     from . import err_console, out_console
 
+    if is_probe_recipe(find_recipe(recipe)):
+        from .eval_cmd import settings
+
+        s = settings(recipe)
+        print(json.dumps(s.model_dump(), indent=2) if as_json else tomli_w.dumps(s.model_dump(exclude_none=True)))
+        err_console.print("probe recipe OK")
+        return
     resolved = load_recipe(recipe, overrides or [])
     cost = estimate(resolved)
     if as_json:

@@ -199,7 +199,7 @@ class Resolved:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-PATH_FIELDS = (("data", "train"), ("model", "init"))
+PATH_FIELDS = (("data", "train"), ("model", "init"), ("monitor", "train"), ("monitor", "test"))
 
 
 def resolve_paths(data: dict, base: Path) -> dict:

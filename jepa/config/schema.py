@@ -40,6 +40,8 @@ class ModelConfig(Section):
     predictor_embed_dim: int | None = Field(None, gt=0, description="Predictor width (default by size: 384 from base up).")
     predictor_depth: int | None = Field(None, gt=0, description="Predictor depth (default by size: B 6, L/H 12, G 16).")
     predictor_num_heads: int | None = Field(None, gt=0, description="Predictor heads (default: the encoder's).")
+    predictor_mlp_ratio: float = Field(4.0, gt=0, description="Predictor MLP hidden width / predictor width (the "
+                                       "reference uses 4 for every size, ViT-g included).")
     pos_embed: Literal["sincos", "learned"] = Field(
         "sincos", description="Fixed sin-cos position embeddings from token coordinates (I-JEPA), or learned ones "
         "(stored for `pos_grid`, interpolated for other grids; used for imported weights that are not sin-cos).")
@@ -146,6 +148,23 @@ class DistConfig(Section):
     world_size: int = Field(1, ge=1, description="Devices assumed by `jepa recipe check` (torchrun sets the real one).")
 
 
+class MonitorConfig(Section):
+    """Online k-NN monitor: representation quality during pretraining, logged like the loss (off by default)."""
+
+    every_steps: int | None = Field(None, gt=0, description="Run a k-NN evaluation every N steps (unset: never).")
+    train: str | None = Field(None, description="Labelled DATA for the k-NN memory bank (relative to the recipe).")
+    test: str | None = Field(None, description="Labelled DATA to classify.")
+    max_train: int = Field(5000, gt=0, description="Evenly spread subset of `train` (decoded once, kept in memory).")
+    max_test: int = Field(1000, gt=0, description="Evenly spread subset of `test`.")
+    k: int = Field(20, gt=0, description="Neighbours (cosine similarity, votes weighted by exp(sim / 0.07)).")
+
+    @model_validator(mode="after")
+    def _data_given(self):
+        if self.every_steps and not (self.train and self.test):
+            raise ValueError("every_steps needs train and test data")
+        return self
+
+
 class LogConfig(Section):
     """Console, `metrics.jsonl` and TensorBoard."""
 
@@ -174,6 +193,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
+    monitor: MonitorConfig = MonitorConfig()
     log: LogConfig = LogConfig()
 
 

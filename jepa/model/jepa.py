@@ -26,6 +26,7 @@ def resolve_arch(cfg: ModelConfig) -> dict:
         "predictor_embed_dim": cfg.predictor_embed_dim or size.predictor_embed_dim,
         "predictor_depth": cfg.predictor_depth or size.predictor_depth,
         "predictor_num_heads": cfg.predictor_num_heads or num_heads,
+        "predictor_mlp_ratio": cfg.predictor_mlp_ratio,
     }
 
 
@@ -101,7 +102,7 @@ def build_jepa(model_cfg: ModelConfig, loss_cfg: LossConfig, tokenizer_cls: type
         encoder = Encoder(tokenizer, arch["depth"], arch["num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias,
                           pos_grid=pos_grid)
         predictor = Predictor(arch["embed_dim"], arch["predictor_embed_dim"], arch["predictor_depth"],
-                              arch["predictor_num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias)
+                              arch["predictor_num_heads"], arch["predictor_mlp_ratio"], model_cfg.qkv_bias)
         return JEPA(encoder, predictor, loss_cfg)
 
 

@@ -170,6 +170,10 @@ def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module], strict: bool
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"checkpoint: {f} is unreadable or truncated: {e}") from None
         own = net.state_dict()
+        if ("pos_embed_learned" in state) != ("pos_embed_learned" in own):
+            has = "learned" if "pos_embed_learned" in state else "sin-cos"
+            raise CheckpointError(f"checkpoint: {name} has {has} position embeddings and this model does not; set "
+                                  f"model.pos_embed = \"{'learned' if has == 'learned' else 'sincos'}\" in the recipe")
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:
                 raise CheckpointError(f"checkpoint: {name} does not match this model: {key} has shape "

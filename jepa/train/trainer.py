@@ -164,6 +164,11 @@ class Trainer:
             self._init_from(resolve_checkpoint(r.model.init))
         self.skipped: Counter = Counter()
         self.skipped_examples: list[str] = []
+        self.monitor = None
+        if r.monitor.every_steps:
+            from ..eval.monitor import KnnMonitor
+
+            self.monitor = KnnMonitor(r.monitor, self.source, self.device, self.precision == "bf16")
 
     def _init_from(self, ckpt: Path) -> None:
         """Initialise from a checkpoint; an encoder-only checkpoint seeds both encoders (the target
@@ -177,9 +182,12 @@ class Trainer:
             src, dst = (("encoder", "target_encoder") if "encoder" in present else ("target_encoder", "encoder"))
             if src in present:
                 getattr(self.model, dst).load_state_dict(getattr(self.model, src).state_dict())
-        missing = [n for n in NETWORKS if n not in present]
-        note = f" ({', '.join(missing)} not in the checkpoint: " + ("predictor freshly initialised, " if
-                "predictor" in missing else "") + "encoders copied from each other)" if missing else ""
+        notes = []
+        if not encoders <= set(present):
+            notes.append("the missing encoder starts as a copy of the other")
+        if "predictor" not in present:
+            notes.append("the predictor starts fresh")
+        note = f" ({'; '.join(notes)})" if notes else ""
         self.console.print(f"initialised networks from {ckpt}{note}", highlight=False)
 
     def networks(self) -> dict[str, torch.nn.Module]:
@@ -285,6 +293,10 @@ class Trainer:
                     interval_samples, t_interval = 0, time.perf_counter()
                     if not math.isfinite(last_loss):
                         raise JepaError(f"loss is {last_loss} at step {done}; last good checkpoint: {last_ckpt}")
+                if self.monitor is not None and (done % r.monitor.every_steps == 0 or done == self.end_step):
+                    quality = {"step": done, **self.monitor(self.model.target_encoder)}
+                    logger.log(quality)
+                    progress.note(f"step {done}: k-NN top-1 {100 * quality['knn_top1']:.1f}%")
                 if done % ckpt_every == 0 or done == self.end_step:
                     last_ckpt = self.save(done)
         finally:
@@ -353,6 +365,10 @@ class _Progress:
             self.bar.update(self.task, completed=step, info=info)
         elif self.enabled:
             self.console.print(f"step {step}/{self.total}  {info}", highlight=False)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.console if self.bar is not None else self.console).print(text, highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -26,9 +26,12 @@ from jepa.model.pos_embed import sincos_pos_embed
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 SIZE_BY_SHAPE = {(192, 12): "vit_tiny", (384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large",
                  (1280, 32): "vit_huge", (1408, 40): "vit_giant"}
-#: timm architectures of the released I-JEPA weights: (width, depth, patch) -> name
-TIMM_NAMES = {(1280, 32, 14): "vit_huge_patch14_gap_224", (1280, 32, 16): "vit_huge_patch16_gap_448",
-              (1408, 40, 16): "vit_giant_patch16_gap_224", (768, 12, 16): "vit_base_patch16_gap_224"}
+#: timm architectures of the released I-JEPA weights, keyed by everything that defines them:
+#: (width, depth, heads, mlp ratio, patch, image size) -> name. Other shapes have no timm name of their own.
+TIMM_NAMES = {(1280, 32, 16, 4.0, 14, 224): "vit_huge_patch14_gap_224",
+              (1280, 32, 16, 4.0, 16, 448): "vit_huge_patch16_gap_448",
+              (1408, 40, 16, round(48 / 11, 6), 16, 224): "vit_giant_patch16_gap_224"}
+TIMM_GENERIC = "vit_base_patch16_224"  # any ViT: every architecture argument comes from model_args
 
 
 def _strip(sd: dict) -> dict:
@@ -41,8 +44,10 @@ def _depth(sd: dict, prefix: str) -> int:
 
 
 def _is_sincos(table: torch.Tensor, grid: tuple[int, int]) -> bool:
+    """Is ``table`` the fixed sin-cos table of ``grid`` (up to the rounding of its dtype: fp16/bf16 saves)?"""
     ref = sincos_pos_embed(grid_coords(grid), table.shape[-1])
-    return table.shape[-2] == ref.shape[0] and torch.allclose(table.reshape(ref.shape).float(), ref, atol=1e-4)
+    tol = max(1e-4, 2 * torch.finfo(table.dtype).eps) if table.is_floating_point() else 1e-4
+    return table.shape[-2] == ref.shape[0] and torch.allclose(table.reshape(ref.shape).float(), ref, atol=tol)
 
 
 def _square_grid(n: int, what: str) -> tuple[int, int]:
@@ -80,13 +85,15 @@ def _encoder_weights(sd: dict, grid: tuple[int, int], what: str) -> tuple[dict, 
     return sd, learned
 
 
-def _model_section(arch: dict, pred: dict | None, learned: bool, grid) -> dict:
-    size = SIZE_BY_SHAPE.get((arch["embed_dim"], arch["depth"]))
-    model = {"size": size} if size else {"size": "vit_tiny", "embed_dim": arch["embed_dim"], "depth": arch["depth"],
-                                         "num_heads": arch["num_heads"]}
-    model["mlp_ratio"] = arch["mlp_ratio"]
-    if pred:
-        model.update(pred)
+def _model_section(arch: dict, pred: dict | None, learned: bool, grid, qkv_bias: bool = True) -> dict:
+    """Every architecture number explicitly (a size preset alone would impose its head count)."""
+    model = {"size": SIZE_BY_SHAPE.get((arch["embed_dim"], arch["depth"]), "vit_tiny"),
+             "embed_dim": arch["embed_dim"], "depth": arch["depth"], "num_heads": arch["num_heads"],
+             "mlp_ratio": arch["mlp_ratio"], "qkv_bias": qkv_bias}
+    if pred is None:  # no predictor in the checkpoint: a valid placeholder shape (the reference's width)
+        width = 384 if 384 % arch["num_heads"] == 0 else 32 * arch["num_heads"]
+        pred = {"predictor_embed_dim": width, "predictor_depth": 1, "predictor_num_heads": arch["num_heads"]}
+    model.update(pred)
     if learned:
         model.update({"pos_embed": "learned", "pos_grid": list(grid)})
     return model
@@ -107,19 +114,27 @@ def from_reference(state, source: str, options: dict | None = None) -> Converted
         return None
     nets = {n: _strip(state[n]) for n in ("encoder", "predictor", "target_encoder") if isinstance(state.get(n), dict)}
     heads = (options or {}).get("num_heads")
+    if not ({"encoder", "target_encoder"} & set(nets)):
+        raise JepaError(f"import: {source} has neither an encoder nor a target_encoder state dict")
     main = nets.get("target_encoder") or nets["encoder"]
     arch = encoder_arch(main, f"{source} (target_encoder)" if "target_encoder" in nets else source, heads)
-    if "pos_embed" in main:
-        grid = _square_grid(main["pos_embed"].shape[-2], "pos_embed")
-    else:
-        raise JepaError(f"import: {source} has no pos_embed, so its training resolution is unknown")
-    out, learned = {}, False
+    tables = [n["pos_embed"] for n in nets.values() if "pos_embed" in n]
+    if not tables:
+        raise JepaError(f"import: {source} has no pos_embed in any encoder, so its training resolution is unknown")
+    grid = _square_grid(tables[0].shape[-2], "pos_embed")
+    out = {}
     for name in ("encoder", "target_encoder"):
         if name in nets:
             if encoder_arch(nets[name], name, heads) != arch:
                 raise JepaError(f"import: {source}: encoder and target_encoder have different architectures")
-            out[name], was_learned = _encoder_weights(nets[name], grid, name)
-            learned = learned or was_learned
+            out[name], _ = _encoder_weights(nets[name], grid, name)
+    learned = any("pos_embed_learned" in sd for sd in out.values())
+    if learned:  # one encoder's table is not sin-cos: both keep their own table (or the sin-cos one) as learned
+        for name, sd in out.items():
+            if "pos_embed_learned" not in sd:
+                table = nets[name].get("pos_embed")
+                sd["pos_embed_learned"] = (table if table is not None else
+                                           sincos_pos_embed(grid_coords(grid), arch["embed_dim"])).reshape(1, -1, arch["embed_dim"])
     pred_cfg = None
     if "predictor" in nets:
         p = dict(nets["predictor"])
@@ -127,8 +142,10 @@ def from_reference(state, source: str, options: dict | None = None) -> Converted
         if table is not None and not _is_sincos(table, grid):
             raise JepaError(f"import: {source}: predictor_pos_embed is not the sin-cos table of a {grid[0]}x{grid[1]} "
                             "grid; learned predictor positions are not supported")
-        pred_cfg = {"predictor_embed_dim": p["predictor_embed.weight"].shape[0],
-                    "predictor_depth": _depth(p, "predictor_blocks"), "predictor_num_heads": arch["num_heads"]}
+        width = p["predictor_embed.weight"].shape[0]
+        pred_cfg = {"predictor_embed_dim": width, "predictor_depth": _depth(p, "predictor_blocks"),
+                    "predictor_num_heads": arch["num_heads"],
+                    "predictor_mlp_ratio": p["predictor_blocks.0.mlp.fc1.weight"].shape[0] / width}
         out["predictor"] = p
     info = {"source_epoch": int(state["epoch"])} if isinstance(state.get("epoch"), int) else {}
     extra = {"reference_optimizer": state["opt"]} if isinstance(state.get("opt"), dict) else {}
@@ -156,6 +173,7 @@ def from_hf(state, source: str, options: dict | None = None) -> Converted | None
     names = _HF_V4 if v4 else _HF_V5
     qkv = (("attention.attention.query", "attention.attention.key", "attention.attention.value") if v4 else
            ("attention.q_proj", "attention.k_proj", "attention.v_proj"))
+    qkv_bias = bool(cfg.get("qkv_bias", True))
     sd = {"patch_embed.proj.weight": w.pop("embeddings.patch_embeddings.projection.weight"),
           "patch_embed.proj.bias": w.pop("embeddings.patch_embeddings.projection.bias"),
           "norm.weight": w.pop("layernorm.weight"), "norm.bias": w.pop("layernorm.bias")}
@@ -163,7 +181,8 @@ def from_hf(state, source: str, options: dict | None = None) -> Converted | None
     for i in range(cfg["num_hidden_layers"]):
         pre = f"{layer}.{i}."
         for kind in ("weight", "bias"):
-            sd[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([w.pop(f"{pre}{q}.{kind}") for q in qkv])
+            if kind == "weight" or qkv_bias:
+                sd[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([w.pop(f"{pre}{q}.{kind}") for q in qkv])
             for theirs, ours in names.items():
                 sd[f"blocks.{i}.{ours}.{kind}"] = w.pop(f"{pre}{theirs}.{kind}")
     leftover = [k for k in w if not k.startswith("pooler.")]
@@ -173,7 +192,7 @@ def from_hf(state, source: str, options: dict | None = None) -> Converted | None
     grid = _square_grid(table.shape[-2], "embeddings.position_embeddings")
     sd["pos_embed"] = table
     enc, learned = _encoder_weights(sd, grid, "encoder")
-    recipe = _recipe(arch, _model_section(arch, None, learned, grid), grid)
+    recipe = _recipe(arch, _model_section(arch, None, learned, grid, qkv_bias), grid)
     return Converted(recipe, {"encoder": enc}, "hf-ijepa", {"hf_layout": "v4" if v4 else "v5"})
 
 
@@ -209,21 +228,31 @@ def _arch_of(model, which: str) -> dict:
             "in_chans": tok.in_chans, "img": (model.grid[0] * ph, model.grid[1] * pw)}
 
 
-def export_timm(model, out: Path, which: str) -> list[str]:
-    """timm ``VisionTransformer`` weights (no class token, average pooling, final norm) + ``config.json``.
-
-    Loads with ``timm.create_model("local-dir:OUT", pretrained=True)``, or for the released I-JEPA
-    shapes ``timm.create_model("vit_huge_patch14_gap_224", pretrained=True,
-    pretrained_cfg_overlay=dict(file="OUT/model.safetensors"))``.
-    """
-    a = _arch_of(model, which)
-    _, sd = _encoder_state(model, which)
-    name = TIMM_NAMES.get((a["embed_dim"], a["depth"], a["patch"][0]), "vit_base_patch16_gap_224")
-    src = model.resolved.components["source"][1]
+def timm_architecture(a: dict) -> tuple[str, dict]:
+    """The timm model name and arguments for an encoder architecture (see :func:`_arch_of`)."""
+    square = a["patch"][0] == a["patch"][1] and a["img"][0] == a["img"][1]
+    key = (a["embed_dim"], a["depth"], a["num_heads"], round(a["mlp_ratio"], 6), a["patch"][0], a["img"][0])
+    name = TIMM_NAMES.get(key, TIMM_GENERIC) if square and a["in_chans"] == 3 else TIMM_GENERIC
     model_args = {"img_size": list(a["img"]), "patch_size": a["patch"][0] if a["patch"][0] == a["patch"][1]
                   else list(a["patch"]), "embed_dim": a["embed_dim"], "depth": a["depth"],
                   "num_heads": a["num_heads"], "mlp_ratio": a["mlp_ratio"], "in_chans": a["in_chans"],
                   "class_token": False, "global_pool": "avg", "fc_norm": False, "num_classes": 0}
+    return name, model_args
+
+
+def export_timm(model, out: Path, which: str) -> list[str]:
+    """timm ``VisionTransformer`` weights (no class token, average pooling, final norm) + ``config.json``.
+
+    Loads with ``timm.create_model("local-dir:OUT", pretrained=True)`` for any shape. The released
+    I-JEPA shapes (:data:`TIMM_NAMES`) also load by their timm name alone, e.g.
+    ``timm.create_model("vit_huge_patch14_gap_224", pretrained=True, num_classes=0,
+    pretrained_cfg_overlay=dict(file="OUT/model.safetensors"))``; other shapes are named
+    :data:`TIMM_GENERIC` and need ``**config["model_args"]`` to load by name.
+    """
+    a = _arch_of(model, which)
+    _, sd = _encoder_state(model, which)
+    name, model_args = timm_architecture(a)
+    src = model.resolved.components["source"][1]
     config = {"architecture": name, "num_classes": 0, "num_features": a["embed_dim"], "global_pool": "avg",
               "model_args": model_args,
               "pretrained_cfg": {"tag": f"jepa_{which}", "input_size": [a["in_chans"], *a["img"]],

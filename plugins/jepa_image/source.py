@@ -98,6 +98,10 @@ class ImageSource(Source):
     def sample_shape(self) -> tuple[int, int, int]:
         return (3, *self.cfg.size_hw)
 
+    def resized(self, size) -> ImageSource:
+        """The same source producing ``size`` (an int, or (height, width)) images."""
+        return ImageSource(self.cfg.model_copy(update={"crop_size": size if isinstance(size, int) else tuple(size)}))
+
     def open(self, data: bytes) -> Image.Image:
         """Decode bytes to an RGB image, turning every failure into a categorised SampleError."""
         if not data:

@@ -1,0 +1,1 @@
+"""Evaluation: frozen features, linear / attentive probes, k-NN, embeddings export."""
