@@ -55,20 +55,20 @@ def probes(name: str, train_x, train_y, test_x, test_y) -> dict:
     return out
 
 
-def features(model, which: str = "target"):
-    tr = encode_dataset(model.network(which), model.source, TRAIN, num_workers=2)
-    te = encode_dataset(model.network(which), model.source, TEST, num_workers=2)
+def features(model, train: str, test: str, which: str = "target"):
+    tr = encode_dataset(model.network(which), model.source, train, num_workers=2)
+    te = encode_dataset(model.network(which), model.source, test, num_workers=2)
     return tr.pooled, tr.labels, te.pooled, te.labels
 
 
-def pixels(source):
+def pixels(source, train: str, test: str):
     from torch.utils.data import DataLoader
 
     from jepa.data import build_index
     from jepa.eval.features import EvalDataset, _collate
 
     out = []
-    for spec in (TRAIN, TEST):
+    for spec in (train, test):
         xs, ys = [], []
         for x, y, _, _ in DataLoader(EvalDataset(build_index(spec), source), batch_size=1000, num_workers=2,
                                      collate_fn=_collate):
@@ -160,17 +160,17 @@ def main() -> None:
     log(f"pretrained {summary['steps']} steps in {minutes:.1f} min, loss {summary['first_loss']:.3f} -> "
         f"{summary['final_loss']:.3f}")
     model = jepa.load(run_dir)
-    global TRAIN, TEST
+    train, test = TRAIN, TEST
     if args.quick:  # one shard each: 3,000 train / 2,500 test images
-        TRAIN, TEST = str(DATA / "train-000000.tar"), str(DATA / "test-000000.tar")
+        train, test = str(DATA / "train-000000.tar"), str(DATA / "test-000000.tar")
     result = {"recipe": "image_cifar10_cpu", "overrides": overrides, "steps": summary["steps"],
               "pretrain_minutes": minutes, "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {summary['precision']}",
               "command": "python benchmarks/quality_cifar10.py " + " ".join(sys.argv[1:])}
-    result["ijepa"] = probes("I-JEPA", *features(model))
+    result["ijepa"] = probes("I-JEPA", *features(model, train, test))
     rand = jepa.load(random_init_checkpoint(args.overrides, run_dir / "random_init"))
-    result["random_init"] = probes("random", *features(rand))
-    result["pixels"] = probes("pixels", *pixels(model.source))
+    result["random_init"] = probes("random", *features(rand, train, test))
+    result["pixels"] = probes("pixels", *pixels(model.source, train, test))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_cifar10.json").write_text(json.dumps(result, indent=2))

@@ -123,15 +123,20 @@ def test_export_hf_loads_in_transformers_with_identical_features(trained, tmp_pa
         back.encode(x)
 
 
-def test_hf_folder_saved_by_transformers_imports(tmp_path):
+@pytest.mark.parametrize("width, depth, heads", [
+    (192, 2, 3),
+    (384, 12, 8),  # vit_small's shape, whose preset has 6 heads: the checkpoint's 8 must win
+])
+def test_hf_folder_saved_by_transformers_imports(tmp_path, width, depth, heads):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.IJepaConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
-                                   image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    cfg = transformers.IJepaConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                                   intermediate_size=4 * width, image_size=32, patch_size=8, layer_norm_eps=1e-6)
     torch.manual_seed(0)
     hf = transformers.IJepaModel(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     import_checkpoint(tmp_path / "hf", tmp_path / "ck")
     m = jepa.load(tmp_path / "ck")
+    assert m.encoder.num_heads == heads
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m.encode(x, "context"), hf(x).last_hidden_state, atol=1e-4, rtol=0)
@@ -275,34 +280,13 @@ def test_released_shapes_map_to_their_timm_names_with_identical_architecture():
 
 def test_giant_mlp_ratio_predictor_uses_the_reference_ratio(tmp_path):
     """ViT-g's encoder MLP ratio is 48/11 but the reference predictor's is 4."""
-    r = load_recipe_dict(model={"size": "vit_tiny", "depth": 1, "mlp_ratio": 48 / 11, "predictor_depth": 1,
-                                "predictor_embed_dim": 48})
+    from jepa.config import load_recipe
     from jepa.model import build_from_recipe
 
-    model = build_from_recipe(r)
+    model = build_from_recipe(load_recipe(tiny_recipe(model={"size": "vit_tiny", "depth": 1, "mlp_ratio": 48 / 11,
+                                                             "predictor_depth": 1, "predictor_embed_dim": 48})))
     assert model.predictor.predictor_blocks[0].mlp.fc1.out_features == 4 * 48
     assert model.encoder.blocks[0].mlp.fc1.out_features == int(192 * 48 / 11)
-
-
-def load_recipe_dict(**sections):
-    from jepa.config import load_recipe
-
-    return load_recipe(tiny_recipe(**sections))
-
-
-def test_heads_are_never_taken_from_a_size_preset_over_the_checkpoint(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.IJepaConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=8, intermediate_size=1536,
-                                   image_size=32, patch_size=8, layer_norm_eps=1e-6)
-    torch.manual_seed(0)
-    hf = transformers.IJepaModel(cfg).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    import_checkpoint(tmp_path / "hf", tmp_path / "ck")
-    m = jepa.load(tmp_path / "ck")
-    assert m.encoder.num_heads == 8  # (384, 12) is vit_small's shape, whose preset has 6 heads
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(m.encode(x, "context"), hf(x).last_hidden_state, atol=1e-4, rtol=0)
 
 
 def test_half_precision_checkpoints_keep_sincos_positions(tmp_path):
