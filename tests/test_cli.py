@@ -90,3 +90,12 @@ def test_quickstart_runs_and_the_loss_falls(tmp_path, jepa_cli):
     records = [json.loads(line) for line in (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
     assert list((tmp_path / "qs" / "tb").iterdir()), "TensorBoard events are written"
+
+
+def test_an_error_inside_a_dataloader_worker_is_still_one_line(tmp_path, jepa_cli):
+    from .conftest import write_shard
+
+    shard = write_shard(tmp_path / "bad.tar", [(f"{i:04d}", {"jpg": b"not a jpeg", "cls": b"0"}) for i in range(16)])
+    path = write_recipe(tmp_path, tiny_recipe(str(shard), data={"num_workers": 1}))
+    code, out, err = jepa_cli("pretrain", path, "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(code, out, err, 1, "every sample of a batch failed to decode (corrupt)")

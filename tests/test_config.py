@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from jepa import RecipeError
 from jepa.config import list_recipes, load_recipe, parse_override

@@ -93,7 +93,7 @@ def test_training_forward_backward_reaches_encoder_and_predictor_only():
     x = torch.randn(3, 3, 32, 32)
     ctx = torch.arange(40).expand(3, -1)
     tgt = torch.arange(48, 64).view(1, 1, 16).expand(4, 3, 16)
-    loss, stats = m(x, ctx, tgt)
+    loss, stats = m(x, ctx, tgt, with_stats=True)
     loss.backward()
     assert loss.ndim == 0 and math.isfinite(loss.item()) and set(stats) == {"target_std", "pred_std"}
     assert all(p.grad is not None for p in m.encoder.parameters())

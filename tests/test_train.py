@@ -136,3 +136,32 @@ def test_torchrun_is_refused_until_supported(tmp_path, monkeypatch):
     with pytest.raises(JepaError, match="torchrun is not supported"):
         run_pretrain(tiny_recipe(), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_loss_logged_after_an_odd_resume_averages_only_the_steps_run(tmp_path):
+    every = run_pretrain(tiny_recipe(steps=4), tmp_path / "every")  # logs each step
+    per_step = losses(tmp_path / "every")
+    recipe = tiny_recipe(steps=4, log={"every_steps": 2})
+    run_pretrain(recipe, tmp_path / "odd", stop_at=3)
+    run_pretrain(recipe, tmp_path / "odd", resume=True)
+    records = {json.loads(line)["step"]: json.loads(line)["loss"]
+               for line in (tmp_path / "odd" / "metrics.jsonl").read_text().splitlines()}
+    assert records[4] == pytest.approx(per_step[3], rel=1e-6)  # step 4 alone, not (step 4) / 2
+    assert every["final_loss"] == per_step[3]
+
+
+def test_a_failed_start_leaves_the_run_directory_usable(tmp_path):
+    bad = tiny_recipe(monitor={"every_steps": 1, "train": str(tmp_path / "missing.tar"), "test": str(tmp_path / "m.tar")})
+    with pytest.raises(JepaError, match="no such file"):
+        run_pretrain(bad, tmp_path / "run")
+    assert not (tmp_path / "run" / "recipe.toml").exists()
+    run_pretrain(tiny_recipe(steps=1), tmp_path / "run")  # no --resume needed: nothing was written
+
+
+def test_architecture_and_batch_mistakes_are_recipe_errors(tmp_path):
+    from jepa import RecipeError
+
+    with pytest.raises(RecipeError, match="model.num_heads: width 64 is not divisible by 5 heads"):
+        run_pretrain(tiny_recipe(model={"num_heads": 5}), tmp_path / "a")
+    with pytest.raises(RecipeError, match="data.batch_size: global batch 8 is not divisible"):
+        run_pretrain(tiny_recipe(train={"grad_accum": 3}), tmp_path / "b")

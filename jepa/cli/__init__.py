@@ -35,8 +35,18 @@ def build_app() -> typer.Typer:
     return app
 
 
+def one_line_messages(e: JepaError) -> list[str]:
+    """The problem lines of an error. An error raised in a DataLoader worker arrives re-wrapped with the
+    worker's traceback; only its last line (the original message) is the user's business."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return [last.split(": ", 1)[1] if last.startswith(("jepa.", "jepa_")) and ": " in last else last]
+    return text.splitlines() or [type(e).__name__]
+
+
 def report(e: JepaError) -> int:
-    for line in str(e).splitlines() or [type(e).__name__]:
+    for line in one_line_messages(e):
         err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
     return e.exit_code
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from typing import Annotated, Literal
 
-import tomllib
 import typer
 from pydantic import ValidationError
 from rich.table import Table
@@ -82,7 +82,10 @@ def probe(
     """Train a linear or attentive probe on frozen features and report test accuracy."""
     from ..eval.run import run_probe
 
-    size = [int(v) for v in input_size.lower().split("x")] if input_size else None
+    try:
+        size = [int(v) for v in input_size.lower().split("x")] if input_size else None
+    except ValueError:
+        raise RecipeError(f"--input-size: expected a size like 64 or 48x64, got '{input_size}'") from None
     s = settings(recipe, checkpoint=checkpoint, train=train, test=test, kind=kind, which=which, layers=layers,
                  fraction=fraction, seed=seed, out=out, input_size=size)
     show(run_probe(s), as_json)

@@ -20,7 +20,7 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest checkpoint.")] = False,
     allow_changes: Annotated[str, typer.Option("--allow-changes", help="With --resume: recipe fields allowed to differ, comma-separated.")] = "",
     init: Annotated[str | None, typer.Option("--init", help="Initialise the networks from this checkpoint.")] = None,
-    stop_at: Annotated[int | None, typer.Option("--stop-at", help="Stop after this global step, with a checkpoint (continue later with --resume).")] = None,
+    stop_at: Annotated[int | None, typer.Option("--stop-at", min=1, help="Stop after this global step, with a checkpoint (continue later with --resume).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Pretrain a JEPA from a recipe."""

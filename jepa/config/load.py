@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ValidationError
 
 from ..components import ComponentConfig

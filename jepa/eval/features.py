@@ -126,7 +126,7 @@ def cached_features(model, spec: str, which: str = "target", layers: int = 1, to
     net = model.network(which)
     key = _cache_key(model.path, spec, which, layers, tokens, input_size)
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
+    if path is not None and path.is_file() and path.with_suffix(".json").is_file():
         data = load_file(str(path))
         meta = json.loads((path.with_suffix(".json")).read_text())
         return Features(data["pooled"], data["labels"], meta["keys"], data.get("tokens"), Counter(meta["skipped"]))
@@ -136,7 +136,7 @@ def cached_features(model, spec: str, which: str = "target", layers: int = 1, to
         tensors = {"pooled": feats.pooled.contiguous(), "labels": feats.labels}
         if feats.tokens is not None:
             tensors["tokens"] = feats.tokens.contiguous()
-        save_file(tensors, str(path))
         path.with_suffix(".json").write_text(json.dumps({"keys": feats.keys, "skipped": dict(feats.skipped),
                                                          "data": spec, "which": which, "layers": layers}))
+        save_file(tensors, str(path))  # written last: its presence means the cache entry is complete
     return feats

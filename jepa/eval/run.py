@@ -30,6 +30,7 @@ class ProbeSettings(BaseModel):
     input_size: list[int] | None = Field(None, description="Evaluate at another input size (e.g. [64, 64]).")
     batch_size: int = Field(256, gt=0)
     num_workers: int = Field(2, ge=0)
+    device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:N]`.")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     weight_decays: list[float] = Field([0.0, 1e-5, 1e-4, 1e-3, 1e-2], description="Linear probe L2 grid.")
     lrs: list[float] = Field([1e-3], description="Attentive probe learning rates.")
@@ -48,10 +49,11 @@ def _check_labels(feats: Features, name: str) -> None:
 def run_probe(s: ProbeSettings) -> dict:
     """Extract (or reuse) features, fit the probe, return the result dict (the ``--json`` shape)."""
     from ..api import load
+    from ..train.trainer import pick_device
     from .probes import attentive_probe, balanced_subset, effective_rank, knn_probe, linear_probe
 
     start = time.perf_counter()
-    model = load(s.checkpoint)
+    model = load(s.checkpoint, device=str(pick_device(s.device)))
     model.network(s.which)
     cache = Path(s.out) / "cache" if s.out else None
     tokens = s.kind == "attentive"
@@ -70,9 +72,10 @@ def run_probe(s: ProbeSettings) -> dict:
     elif s.kind == "knn":
         res = knn_probe(tx, ty, test.pooled, test.labels, num_classes, k=s.k, temperature=s.temperature)
     else:
-        res = attentive_probe(train.tokens[idx].float(), ty, test.tokens.float(), test.labels, num_classes,
+        res = attentive_probe(train.tokens[idx], ty, test.tokens, test.labels, num_classes,
                               lrs=tuple(s.lrs), weight_decays=tuple(s.attentive_weight_decays), epochs=s.epochs,
-                              val_fraction=s.val_fraction, seed=s.seed, bf16=_fast_bf16(model.device))
+                              val_fraction=s.val_fraction, seed=s.seed, device=str(model.device),
+                              bf16=_fast_bf16(model.device))
     result = {
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),

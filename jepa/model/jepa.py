@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config.schema import LossConfig, ModelConfig
+from ..errors import RecipeError
 from .loss import regression_loss
 from .sizes import SIZES
 from .vit import Encoder, Predictor, layer_norm_targets
@@ -18,6 +19,14 @@ def resolve_arch(cfg: ModelConfig) -> dict:
     size = SIZES[cfg.size]
     embed_dim = cfg.embed_dim or size.embed_dim
     num_heads = cfg.num_heads or size.num_heads
+    pred_dim = cfg.predictor_embed_dim or size.predictor_embed_dim
+    pred_heads = cfg.predictor_num_heads or num_heads
+    problems = [f"model.{field}: width {w} is not divisible by {h} heads" for field, w, h in
+                (("num_heads", embed_dim, num_heads), ("predictor_num_heads", pred_dim, pred_heads)) if w % h]
+    problems += [f"model.{field}: width {w} must be divisible by 4 for 2-D sin-cos position embeddings"
+                 for field, w in (("embed_dim", embed_dim), ("predictor_embed_dim", pred_dim)) if w % 4]
+    if problems:
+        raise RecipeError(problems)
     return {
         "embed_dim": embed_dim,
         "depth": cfg.depth or size.depth,
@@ -55,7 +64,7 @@ class JEPA(nn.Module):
 
     def forward(self, x: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
                 context_valid: torch.Tensor | None = None, target_valid: torch.Tensor | None = None,
-                with_stats: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                with_stats: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training forward pass.
 
         Args:

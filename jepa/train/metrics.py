@@ -6,6 +6,13 @@ import json
 from pathlib import Path
 
 
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 class MetricsLogger:
     """Appends to ``metrics.jsonl``. ``step`` counts completed steps; on resume at step ``s``, entries
     logged after ``s`` (by the interrupted run, past its last checkpoint) are dropped first, so the
@@ -14,8 +21,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         if start_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None
+                    and _step(line) <= start_step]  # a line cut short by a crash is dropped
             self.path.write_text("".join(k + "\n" for k in kept))
         elif start_step == 0:
             self.path.write_text("")

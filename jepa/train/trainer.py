@@ -92,7 +92,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.", "log.")) -> list[str]:
+def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.", "log.", "model.init")) -> list[str]:
     fo, fn = flatten(old), flatten(new)
     keys = sorted(set(fo) | set(fn))
     return [k for k in keys if fo.get(k) != fn.get(k) and not k.startswith(ignore)]
@@ -148,6 +148,10 @@ class Trainer:
         else:
             raise JepaError("train.steps: give the training length as train.steps or train.epochs")
         self.schedules = build_schedules(r, self.total_steps, self.steps_per_epoch)
+        try:  # the global batch must split evenly: a recipe error, found before anything is written
+            StepBatchSampler(r.data.batch_size, 0, 1, r.train.grad_accum, 0, 1)
+        except JepaError as e:
+            raise RecipeError(str(e)) from None
         self.end_step = min(self.total_steps, stop_at) if stop_at else self.total_steps
 
         # Model and optimizer. Seeded, so a fresh run is reproducible.
@@ -169,6 +173,9 @@ class Trainer:
             from ..eval.monitor import KnnMonitor
 
             self.monitor = KnnMonitor(r.monitor, self.source, self.device, self.precision == "bf16")
+        # Every check has passed: only now does the run directory change.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.toml").write_text(self.recipe_header() + self.resolved.to_toml())
 
     def _init_from(self, ckpt: Path) -> None:
         """Initialise from a checkpoint; an encoder-only checkpoint seeds both encoders (the target
@@ -177,14 +184,12 @@ class Trainer:
         if not present:
             raise CheckpointError(f"model.init: {ckpt} holds no network weights")
         load_networks(ckpt, {n: getattr(self.model, n) for n in present})
-        encoders = {"encoder", "target_encoder"}
-        if not encoders <= set(present):
-            src, dst = (("encoder", "target_encoder") if "encoder" in present else ("target_encoder", "encoder"))
-            if src in present:
-                getattr(self.model, dst).load_state_dict(getattr(self.model, src).state_dict())
         notes = []
-        if not encoders <= set(present):
-            notes.append("the missing encoder starts as a copy of the other")
+        have = [n for n in ("encoder", "target_encoder") if n in present]
+        if len(have) == 1:
+            dst = "target_encoder" if have[0] == "encoder" else "encoder"
+            getattr(self.model, dst).load_state_dict(getattr(self.model, have[0]).state_dict())
+            notes.append(f"the {dst} starts as a copy of the {have[0]}")
         if "predictor" not in present:
             notes.append("the predictor starts fresh")
         note = f" ({'; '.join(notes)})" if notes else ""
@@ -215,8 +220,7 @@ class Trainer:
                 raise JepaError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
                                 "or choose another --run-dir")
             self.skipped_prev = {}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        recipe_file.write_text(self.recipe_header() + self.resolved.to_toml())
+
 
     def recipe_header(self) -> str:
         lines = [f"# {k} {v}" for k, v in sorted(self.versions.items())]
@@ -253,7 +257,8 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         first_loss = last_loss = None
-        interval_samples, t_interval, t_start = 0, time.perf_counter(), time.perf_counter()
+        interval_steps, interval_samples = 0, 0
+        t_interval = t_start = time.perf_counter()
         last_ckpt = None
         progress = _Progress(self.console, r.log.progress, self.start_step, self.total_steps)
         try:
@@ -277,20 +282,21 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 ema_update(self.model.target_encoder, self.model.encoder, hp["momentum"])
                 done = step + 1
+                interval_steps += 1
                 if log_step:
                     # The only host synchronisation of the loop: once per log interval.
-                    n = (done - 1) % log_every + 1
                     elapsed = time.perf_counter() - t_interval
-                    last_loss = loss_sum.item() / n
+                    last_loss = loss_sum.item() / interval_steps
                     first_loss = last_loss if first_loss is None else first_loss
                     record = {"step": done, "epoch": done * r.data.batch_size / len(self.index), "loss": last_loss,
                               **hp, "samples_per_s": interval_samples / max(elapsed, 1e-9),
-                              **{k: float(v) for k, v in stats.items()}, "skipped": sum(self.skipped.values()),
+                              **{k: float(v) for k, v in stats.items()},
+                              "skipped": sum(self.skipped.values()) + sum(self.skipped_prev.values()),
                               "rank": 0}
                     logger.log(record)
                     progress.update(done, record)
                     loss_sum.zero_()
-                    interval_samples, t_interval = 0, time.perf_counter()
+                    interval_steps, interval_samples, t_interval = 0, 0, time.perf_counter()
                     if not math.isfinite(last_loss):
                         raise JepaError(f"loss is {last_loss} at step {done}; last good checkpoint: {last_ckpt}")
                 if self.monitor is not None and (done % r.monitor.every_steps == 0 or done == self.end_step):

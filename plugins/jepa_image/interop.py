@@ -224,6 +224,7 @@ def _arch_of(model, which: str) -> dict:
     tok = model.resolved.components["tokenizer"][1]
     ph, pw = tok.patch_hw
     return {"embed_dim": net.embed_dim, "depth": len(net.blocks), "num_heads": net.num_heads,
+            "qkv_bias": net.blocks[0].attn.qkv.bias is not None,
             "mlp_ratio": net.blocks[0].mlp.fc1.out_features / net.embed_dim, "patch": (ph, pw),
             "in_chans": tok.in_chans, "img": (model.grid[0] * ph, model.grid[1] * pw)}
 
@@ -236,7 +237,8 @@ def timm_architecture(a: dict) -> tuple[str, dict]:
     model_args = {"img_size": list(a["img"]), "patch_size": a["patch"][0] if a["patch"][0] == a["patch"][1]
                   else list(a["patch"]), "embed_dim": a["embed_dim"], "depth": a["depth"],
                   "num_heads": a["num_heads"], "mlp_ratio": a["mlp_ratio"], "in_chans": a["in_chans"],
-                  "class_token": False, "global_pool": "avg", "fc_norm": False, "num_classes": 0}
+                  "qkv_bias": a.get("qkv_bias", True), "class_token": False, "global_pool": "avg", "fc_norm": False,
+                  "num_classes": 0}
     return name, model_args
 
 
@@ -278,16 +280,17 @@ def export_hf(model, out: Path, which: str) -> list[str]:
     for i in range(a["depth"]):
         pre = f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
-            q, k, v = sd[f"blocks.{i}.attn.qkv.{kind}"].split(d)
-            for part, t in (("query", q), ("key", k), ("value", v)):
-                w[f"{pre}attention.attention.{part}.{kind}"] = t.contiguous()
+            if f"blocks.{i}.attn.qkv.{kind}" in sd:  # no q/k/v bias when qkv_bias is off
+                q, k, v = sd[f"blocks.{i}.attn.qkv.{kind}"].split(d)
+                for part, t in (("query", q), ("key", k), ("value", v)):
+                    w[f"{pre}attention.attention.{part}.{kind}"] = t.contiguous()
             for theirs, ours in _HF_V4.items():
                 w[f"{pre}{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
     config = {"model_type": "ijepa", "architectures": ["IJepaModel"], "hidden_size": d,
               "num_hidden_layers": a["depth"], "num_attention_heads": a["num_heads"],
               "intermediate_size": int(round(a["mlp_ratio"] * d)), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
               "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": 1e-6,
-              "image_size": a["img"][0], "patch_size": a["patch"][0], "num_channels": a["in_chans"], "qkv_bias": True,
+              "image_size": a["img"][0], "patch_size": a["patch"][0], "num_channels": a["in_chans"], "qkv_bias": a["qkv_bias"],
               "pooler_output_size": d, "pooler_act": "tanh"}
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
