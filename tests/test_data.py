@@ -13,7 +13,7 @@ from jepa.config import load_recipe
 from jepa.data import PretrainDataset, StepBatchSampler, build_index, build_loader
 from jepa.data.pipeline import Collate
 from jepa.data.shards import split_key
-from jepa.train.trainer import _GridFn
+from jepa.model import training_grid
 
 from .conftest import QUICK_TEST, QUICK_TRAIN, read_members, tiny_recipe, write_shard
 
@@ -21,7 +21,7 @@ from .conftest import QUICK_TEST, QUICK_TRAIN, read_members, tiny_recipe, write_
 def _dataset(spec: str, seed: int = 0, **sections) -> PretrainDataset:
     r = load_recipe(tiny_recipe(spec, **sections))
     (src_cls, src_cfg), (m_cls, m_cfg) = r.component("source"), r.component("masker")
-    return PretrainDataset(build_index(spec), src_cls(src_cfg), _GridFn(*r.component("tokenizer")), m_cls(m_cfg), seed)
+    return PretrainDataset(build_index(spec), src_cls(src_cfg), training_grid(r), m_cls(m_cfg), seed)
 
 
 def test_split_key_follows_webdataset():

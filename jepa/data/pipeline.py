@@ -59,8 +59,10 @@ class Batch:
 class PretrainDataset(Dataset):
     """Map-style dataset over stream positions: decode + augment (source), then mask (masker)."""
 
-    def __init__(self, index: Index, source: Source, grid_fn, masker: Masker, seed: int, shuffle: bool = True):
-        self.index, self.source, self.grid_fn, self.masker = index, source, grid_fn, masker
+    def __init__(self, index: Index, source: Source, grid: tuple[int, ...], masker: Masker, seed: int,
+                 shuffle: bool = True):
+        # Every sample has the source's fixed shape, so one token grid (computed once) serves them all.
+        self.index, self.source, self.grid, self.masker = index, source, tuple(grid), masker
         self.seed, self.shuffle = seed, shuffle
         self.reader = Reader()
         self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, permutation), one epoch cached
@@ -89,8 +91,7 @@ class PretrainDataset(Dataset):
             return Skipped(e.reason, f"{record.members[next(iter(record.members))].path}:{record.key}")
         except OSError as e:
             return Skipped("unreadable", f"{record.key}: {e}")
-        grid = self.grid_fn(tuple(x.shape))
-        mask = self.masker(grid, random.Random(derive_seed(self.seed, epoch, i, "mask")))
+        mask = self.masker(self.grid, random.Random(derive_seed(self.seed, epoch, i, "mask")))
         return x, mask, parse_label(raw, record), position
 
 

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config.load import Resolved
 from ..errors import RecipeError
-from .jepa import build_jepa, resolve_arch
+from .jepa import build_jepa, resolve_arch, training_grid
 from .vit import set_attention
 
 
@@ -31,13 +31,11 @@ def _count(module: torch.nn.Module) -> int:
 def example_masks(resolved: Resolved, batch: int, seed: int = 0):
     """Index tensors of a typical batch (masks drawn from the recipe's masker, padded)."""
     from ..data.pipeline import Collate
-    from ..train.trainer import token_grid
 
     source_cls, source_cfg = resolved.component("source")
-    tok_cls, tok_cfg = resolved.component("tokenizer")
     masker_cls, masker_cfg = resolved.component("masker")
     shape = source_cls(source_cfg).sample_shape()
-    grid = token_grid(tok_cls, tok_cfg, shape)
+    grid = training_grid(resolved)
     masker = masker_cls(masker_cfg)
     masker.check(grid)
     items = [(torch.zeros(0), masker(grid, random.Random(seed + i)), -1, i) for i in range(batch)]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config.schema import LossConfig, ModelConfig
-from ..errors import RecipeError
+from ..errors import JepaError, RecipeError
 from .loss import regression_loss
 from .sizes import SIZES
 from .vit import Encoder, Predictor, layer_norm_targets
@@ -116,12 +116,16 @@ def build_jepa(model_cfg: ModelConfig, loss_cfg: LossConfig, tokenizer_cls: type
 
 
 def training_grid(resolved) -> tuple[int, ...]:
-    """The token grid of the recipe's training samples (tokenizer grid of the source's sample shape)."""
-    from ..train.trainer import token_grid
-
+    """The token grid of the recipe's training samples (the tokenizer's grid for the source's sample
+    shape); a mismatch between the two is a recipe error (exit 2)."""
     source_cls, source_cfg = resolved.component("source")
     tok_cls, tok_cfg = resolved.component("tokenizer")
-    return token_grid(tok_cls, tok_cfg, source_cls(source_cfg).sample_shape())
+    try:
+        return tok_cls.grid_for(tok_cfg, tuple(source_cls(source_cfg).sample_shape()))
+    except RecipeError:
+        raise
+    except JepaError as e:
+        raise RecipeError(str(e)) from None
 
 
 def build_from_recipe(resolved, device: str | torch.device = "cpu") -> JEPA:

@@ -20,7 +20,7 @@ from rich.console import Console
 from ..config.load import Resolved
 from ..data import PretrainDataset, StepBatchSampler, build_index, build_loader
 from ..errors import CheckpointError, JepaError, RecipeError
-from ..model import JEPA, build_jepa, ema_update, set_attention
+from ..model import JEPA, build_jepa, ema_update, set_attention, training_grid
 from .checkpoint import (
     NETWORKS,
     list_checkpoints,
@@ -74,16 +74,6 @@ def pick_attention(spec: str, device: torch.device, precision: str) -> str:
     return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
 
 
-def token_grid(tok_cls, tok_cfg, sample_shape) -> tuple[int, ...]:
-    """The tokenizer's grid for the source's samples; a mismatch is a recipe error (exit 2)."""
-    try:
-        return tok_cls.grid_for(tok_cfg, tuple(sample_shape))
-    except RecipeError:
-        raise
-    except JepaError as e:
-        raise RecipeError(str(e)) from None
-
-
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -134,7 +124,7 @@ class Trainer:
         masker_cls, masker_cfg = resolved.component("masker")
         self.source = source_cls(source_cfg)
         self.masker = masker_cls(masker_cfg)
-        self.grid = token_grid(tok_cls, tok_cfg, self.source.sample_shape())
+        self.grid = training_grid(resolved)
         self.masker.check(self.grid)
         self.index = build_index(r.data.train)
         for bad in self.index.bad_shards:
@@ -239,14 +229,10 @@ class Trainer:
     # ----------------------------------------------------------------------- the loop
     def loader(self):
         r = self.recipe
-        dataset = PretrainDataset(self.index, self.source, self.masker_grid_fn(), self.masker, r.run.seed, r.data.shuffle)
+        dataset = PretrainDataset(self.index, self.source, self.grid, self.masker, r.run.seed, r.data.shuffle)
         sampler = StepBatchSampler(r.data.batch_size, 0, 1, r.train.grad_accum, self.start_step, self.end_step)
         return build_loader(dataset, sampler, r.data.num_workers, r.data.mask_collate,
                             pin_memory=self.device.type == "cuda")
-
-    def masker_grid_fn(self):
-        tok_cls, tok_cfg = self.resolved.component("tokenizer")
-        return _GridFn(tok_cls, tok_cfg)
 
     def fit(self) -> dict:
         r = self.recipe
@@ -325,16 +311,6 @@ class Trainer:
             self.skipped[s.reason] += 1
             if len(self.skipped_examples) < 100:
                 self.skipped_examples.append(f"{s.reason}: {s.key}")
-
-
-class _GridFn:
-    """Picklable tokenizer-grid function for DataLoader workers (no module is built there)."""
-
-    def __init__(self, cls, cfg):
-        self.cls, self.cfg = cls, cfg
-
-    def __call__(self, shape):
-        return self.cls.grid_for(self.cfg, shape)
 
 
 def _allowed(field: str, allow: tuple[str, ...]) -> bool:
