@@ -44,11 +44,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from jepa.config import load_recipe
-from jepa.data.pipeline import Collate, derive_seed
+from jepa.data.pipeline import Collate, derive_seed, per_device_batch
 from jepa.model import build_jepa, ema_update, set_attention
 from jepa.model.cost import estimate
 from jepa.train.optim import build_optimizer, set_hparams
-from jepa.train.schedules import build_schedules
+from jepa.train.schedules import build_schedules, training_length
 from jepa.train.trainer import pick_attention, pick_device, pick_precision
 
 
@@ -177,11 +177,7 @@ def profile_steps(train_step, model, first: int, n: int, rows: int, trace: str |
 def total_steps_of(r, timed: int) -> tuple[int, int | None]:
     """Schedule length and steps per epoch without reading data (as far as the recipe allows)."""
     spe = max(1, r.data.num_samples // r.data.batch_size) if r.data.num_samples else None
-    if r.train.steps:
-        return r.train.steps, spe
-    if r.train.epochs and spe:
-        return max(1, math.ceil(r.train.epochs * r.data.num_samples / r.data.batch_size)), spe
-    return max(timed, 100), spe
+    return training_length(r, r.data.num_samples) or max(timed, 100), spe
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -199,10 +195,7 @@ def run(args: argparse.Namespace) -> dict:
     precision = pick_precision(r.train.precision, device)
     attention = pick_attention(r.model.attention, device, precision)
     accum = r.train.grad_accum
-    per_device = r.data.batch_size // (r.dist.world_size * accum)
-    if per_device < 1 or r.data.batch_size % (r.dist.world_size * accum):
-        raise SystemExit(f"data.batch_size {r.data.batch_size} is not divisible by dist.world_size "
-                         f"{r.dist.world_size} x train.grad_accum {accum}")
+    per_device = per_device_batch(r.data.batch_size, r.dist.world_size, accum)
 
     source_cls, source_cfg = resolved.component("source")
     tok_cls, tok_cfg = resolved.component("tokenizer")

@@ -77,6 +77,14 @@ class Pretrained:
                                   f"{', '.join(self.present)}); use --which {other} (which='{other}')")
         return net
 
+    def encoder_state(self, which: str = "target") -> dict[str, torch.Tensor]:
+        """The encoder's tensors for export: our names, plus ``pos_embed`` ``[1, N, D]`` for the training grid
+        (the fixed sin-cos table, or the learned one resampled) in place of a learned table."""
+        net = self.network(which)
+        sd = {k: v.detach().contiguous() for k, v in net.state_dict().items() if k != "pos_embed_learned"}
+        sd["pos_embed"] = net.pos_embed(self.grid, torch.device("cpu")).detach().unsqueeze(0).contiguous()
+        return sd
+
     def preprocess(self, x: Any) -> torch.Tensor:
         """Raw inputs (one, or a list: paths, bytes, PIL images, arrays) -> a batch ``[B, ...]``."""
         items = x if isinstance(x, (list, tuple)) else [x]

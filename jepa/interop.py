@@ -183,8 +183,9 @@ def export_safetensors(model, out: Path, which: str) -> list[str]:
     from . import __version__
 
     net = model.network(which)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    state["pos_embed"] = net.pos_embed(model.grid, torch.device("cpu")).detach().unsqueeze(0).contiguous()
+    state = model.encoder_state(which)
+    if "pos_embed_learned" in net.state_dict():  # keep the learned table itself too
+        state["pos_embed_learned"] = net.pos_embed_learned.detach().contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "network": which})
     d = model.resolved.to_dict()
     sidecar = {"jepa_version": __version__, "network": which, "grid": list(model.grid),

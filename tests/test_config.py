@@ -154,5 +154,5 @@ def test_grid_level_problems_are_recipe_errors():
         estimate(load_recipe(tiny_recipe(tokenizer={"patch_size": 5})))
     with pytest.raises(RecipeError, match="masker.min_keep: 100 context tokens cannot be kept on a 8x8 grid"):
         estimate(load_recipe(tiny_recipe(masker={"min_keep": 100})))
-    with pytest.raises(RecipeError, match="data.batch_size: global batch 8 is not divisible by dist.world_size 3"):
+    with pytest.raises(RecipeError, match="data.batch_size: global batch 8 is not divisible by world size 3 x train.grad_accum 1"):
         estimate(load_recipe(tiny_recipe(dist={"world_size": 3})))

@@ -235,6 +235,7 @@ def make_reference_checkpoint(path: str) -> int:
     class View:  # what to_reference needs of a loaded checkpoint
         encoder, target_encoder, predictor, model_ = model.encoder, model.target_encoder, model.predictor, model
         grid = (14, 14)
+        encoder_state = jepa.api.Pretrained.encoder_state
 
         def network(self, which):
             return model.target_encoder if which == "target" else model.encoder

@@ -213,8 +213,8 @@ def resolve_paths(data: dict, base: Path) -> dict:
 
 
 def validate(data: dict, registry, plugin_names: set[str], path: Path | None = None) -> Resolved:
-    """Validate a recipe dict in two passes. Raises RecipeError listing every problem."""
-    data = expand_vars(data)
+    """Validate a recipe dict (variables already expanded) in two passes. Raises RecipeError listing
+    every problem."""
     # Pass one: core sections, components only by name.
     try:
         recipe = Recipe.model_validate(data)

@@ -149,17 +149,24 @@ class Collate:
         )
 
 
+def per_device_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
+    """Samples per device per micro-batch; the global batch must split evenly (a recipe error if not)."""
+    from ..errors import RecipeError
+
+    per_rank, rem = divmod(global_batch, world_size * grad_accum)
+    if rem or per_rank == 0:
+        raise RecipeError(f"data.batch_size: global batch {global_batch} is not divisible by world size "
+                          f"{world_size} x train.grad_accum {grad_accum}")
+    return per_rank
+
+
 class StepBatchSampler:
     """Yields, for each optimizer step from ``start_step`` on, this rank's micro-batches of positions."""
 
     def __init__(self, global_batch: int, rank: int, world_size: int, grad_accum: int, start_step: int,
                  total_steps: int):
-        per_rank, rem = divmod(global_batch, world_size * grad_accum)
-        if rem or per_rank == 0:
-            raise JepaError(f"data.batch_size: global batch {global_batch} is not divisible by world size "
-                            f"{world_size} x train.grad_accum {grad_accum}")
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.grad_accum, self.micro = grad_accum, per_rank
+        self.grad_accum, self.micro = grad_accum, per_device_batch(global_batch, world_size, grad_accum)
         self.start_step, self.total_steps = start_step, total_steps
 
     def __len__(self) -> int:

@@ -50,6 +50,13 @@ class Index:
     def __len__(self) -> int:
         return len(self.records)
 
+    def spread(self, n: int) -> Index:
+        """At most ``n`` records, evenly spread over the index (deterministic)."""
+        if len(self.records) <= n:
+            return self
+        step = len(self.records) / n
+        return Index([self.records[int(i * step)] for i in range(n)], self.classes, self.bad_shards)
+
 
 def split_key(name: str) -> tuple[str, str]:
     """``a/b/000012.seg.png`` -> (``a/b/000012``, ``seg.png``), WebDataset's grouping rule."""

@@ -80,9 +80,8 @@ def encode_dataset(encoder: torch.nn.Module, source: Source, spec: str | Index, 
 
     device = torch.device(device)
     index = build_index(spec) if isinstance(spec, str) else spec
-    if max_samples is not None and len(index) > max_samples:  # an evenly spread, deterministic subset
-        step = len(index) / max_samples
-        index = Index([index.records[int(i * step)] for i in range(max_samples)], index.classes)
+    if max_samples is not None:
+        index = index.spread(max_samples)
     bf16 = fast_bf16(device)
     was_training = encoder.training
     encoder.eval()

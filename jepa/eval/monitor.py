@@ -11,15 +11,12 @@ import random
 
 import torch
 
-from ..data.shards import Index, Reader, build_index, parse_label
+from ..data.shards import Reader, build_index, parse_label
 from ..errors import JepaError, SampleError
 
 
 def decode_subset(spec: str, source, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    index = build_index(spec)
-    if len(index) > max_samples:
-        step = len(index) / max_samples
-        index = Index([index.records[int(i * step)] for i in range(max_samples)])
+    index = build_index(spec).spread(max_samples)
     reader, xs, ys = Reader(), [], []
     for record in index.records:
         try:

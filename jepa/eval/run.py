@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import JepaError
-from .features import Features, cached_features
+from .features import Features, cached_features, fast_bf16
 
 
 class ProbeSettings(BaseModel):
@@ -75,7 +75,7 @@ def run_probe(s: ProbeSettings) -> dict:
         res = attentive_probe(train.tokens[idx], ty, test.tokens, test.labels, num_classes,
                               lrs=tuple(s.lrs), weight_decays=tuple(s.attentive_weight_decays), epochs=s.epochs,
                               val_fraction=s.val_fraction, seed=s.seed, device=str(model.device),
-                              bf16=_fast_bf16(model.device))
+                              bf16=fast_bf16(model.device))
     result = {
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),
@@ -85,17 +85,11 @@ def run_probe(s: ProbeSettings) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
     }
     if s.out:
-        write_outputs(Path(s.out), result, res.confusion, _class_names(model, s.test))
+        write_outputs(Path(s.out), result, res.confusion, _class_names(s.test))
     return result
 
 
-def _fast_bf16(device) -> bool:
-    from .features import fast_bf16
-
-    return fast_bf16(torch.device(device))
-
-
-def _class_names(model, spec: str) -> list[str] | None:
+def _class_names(spec: str) -> list[str] | None:
     from ..data.shards import build_index
 
     classes = build_index(spec).classes

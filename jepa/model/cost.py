@@ -19,7 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config.load import Resolved
-from ..errors import RecipeError
+from ..data.pipeline import per_device_batch
+from ..train.schedules import training_length
 from .jepa import build_jepa, resolve_arch, training_grid
 from .vit import set_attention
 
@@ -46,10 +47,7 @@ def example_masks(resolved: Resolved, batch: int, seed: int = 0):
 def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
     r = resolved.recipe
     world = world_size or r.dist.world_size
-    per_device, rem = divmod(r.data.batch_size, world * r.train.grad_accum)
-    if rem or not per_device:
-        raise RecipeError(f"data.batch_size: global batch {r.data.batch_size} is not divisible by dist.world_size "
-                          f"{world} x train.grad_accum {r.train.grad_accum}")
+    per_device = per_device_batch(r.data.batch_size, world, r.train.grad_accum)
     tok_cls, tok_cfg = resolved.component("tokenizer")
     shape, grid, b = example_masks(resolved, per_device)
     model = build_jepa(r.model, r.loss, tok_cls, tok_cfg, device="meta", grid=grid)
@@ -86,9 +84,7 @@ def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
     state_bytes = 4 * (n_enc + n_pred) * 4 + 4 * n_enc  # weights + grads + 2 Adam moments, + target weights
     memory = state_bytes + enc_act + pred_act + target_act
     flops_step = micro_flops * r.train.grad_accum * world
-    steps = r.train.steps
-    if steps is None and r.train.epochs and r.data.num_samples:
-        steps = int(-(-r.train.epochs * r.data.num_samples // r.data.batch_size))
+    steps = training_length(r, r.data.num_samples)
     return {
         "total_steps": steps,
         "epochs": steps * r.data.batch_size / r.data.num_samples if steps and r.data.num_samples else None,

@@ -147,13 +147,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                           "directory with meta.json, or an imported checkpoint)")
 
 
-def load_meta(ckpt: Path) -> dict:
-    try:
-        return json.loads((ckpt / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint: cannot read {ckpt / 'meta.json'}: {e}") from None
-
-
 def present_networks(ckpt: Path) -> list[str]:
     """Which of the three networks a checkpoint holds (an imported encoder-only port holds one)."""
     return [n for n in NETWORKS if (ckpt / f"{n}.safetensors").is_file()]

@@ -52,6 +52,17 @@ class Schedules:
         }
 
 
+def training_length(recipe, num_samples: int | None) -> int | None:
+    """Total optimizer steps: ``train.steps``, or ``train.epochs`` converted with the dataset size
+    (None when the length cannot be known without the data)."""
+    t = recipe.train
+    if t.steps:
+        return t.steps
+    if t.epochs and num_samples:
+        return max(1, math.ceil(t.epochs * num_samples / recipe.data.batch_size))
+    return None
+
+
 def build_schedules(recipe, total_steps: int, steps_per_epoch: int | None) -> Schedules:
     sc, opt, ema = recipe.schedule, recipe.optim, recipe.ema
     if sc.warmup_steps is not None:

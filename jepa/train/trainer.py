@@ -19,7 +19,8 @@ from rich.console import Console
 
 from ..config.load import Resolved
 from ..data import PretrainDataset, StepBatchSampler, build_index, build_loader
-from ..errors import CheckpointError, JepaError, RecipeError
+from ..data.pipeline import per_device_batch
+from ..errors import CheckpointError, JepaError
 from ..model import JEPA, build_jepa, ema_update, set_attention, training_grid
 from .checkpoint import (
     NETWORKS,
@@ -32,7 +33,7 @@ from .checkpoint import (
 )
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_hparams
-from .schedules import build_schedules
+from .schedules import build_schedules, training_length
 
 
 # --------------------------------------------------------------------------- device choices
@@ -131,17 +132,11 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/] skipped a shard that cannot be read: {bad}", highlight=False)
         num_samples = r.data.num_samples or len(self.index)
         self.steps_per_epoch = max(1, num_samples // r.data.batch_size)
-        if r.train.steps:
-            self.total_steps = r.train.steps
-        elif r.train.epochs:
-            self.total_steps = max(1, math.ceil(r.train.epochs * num_samples / r.data.batch_size))
-        else:
+        self.total_steps = training_length(r, num_samples)
+        if self.total_steps is None:
             raise JepaError("train.steps: give the training length as train.steps or train.epochs")
         self.schedules = build_schedules(r, self.total_steps, self.steps_per_epoch)
-        try:  # the global batch must split evenly: a recipe error, found before anything is written
-            StepBatchSampler(r.data.batch_size, 0, 1, r.train.grad_accum, 0, 1)
-        except JepaError as e:
-            raise RecipeError(str(e)) from None
+        per_device_batch(r.data.batch_size, 1, r.train.grad_accum)  # before anything is written
         self.end_step = min(self.total_steps, stop_at) if stop_at else self.total_steps
 
         # Model and optimizer. Seeded, so a fresh run is reproducible.

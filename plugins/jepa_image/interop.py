@@ -197,19 +197,12 @@ def from_hf(state, source: str, options: dict | None = None) -> Converted | None
 
 
 # --------------------------------------------------------------------------- export
-def _encoder_state(model, which: str) -> tuple[torch.nn.Module, dict]:
-    net = model.network(which)
-    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items() if k != "pos_embed_learned"}
-    sd["pos_embed"] = net.pos_embed(model.grid, torch.device("cpu")).detach().unsqueeze(0).contiguous()
-    return net, sd
-
-
 def to_reference(model, epoch: int = 0) -> dict:
     """A reference-format training checkpoint (``module.`` prefixes, fixed position tables) of ``model``."""
     out = {}
     for which, name in (("context", "encoder"), ("target", "target_encoder")):
         if getattr(model, name) is not None:
-            out[name] = {f"module.{k}": v for k, v in _encoder_state(model, which)[1].items()}
+            out[name] = {f"module.{k}": v for k, v in model.encoder_state(which).items()}
     if model.predictor is not None:
         pred = {k: v.detach().clone() for k, v in model.predictor.state_dict().items()}
         pos = model.predictor.pos(model.model.encoder.patch_embed.coords, model.grid, torch.device("cpu"))
@@ -252,7 +245,7 @@ def export_timm(model, out: Path, which: str) -> list[str]:
     :data:`TIMM_GENERIC` and need ``**config["model_args"]`` to load by name.
     """
     a = _arch_of(model, which)
-    _, sd = _encoder_state(model, which)
+    sd = model.encoder_state(which)
     name, model_args = timm_architecture(a)
     src = model.resolved.components["source"][1]
     config = {"architecture": name, "num_classes": 0, "num_features": a["embed_dim"], "global_pool": "avg",
@@ -271,7 +264,7 @@ def export_hf(model, out: Path, which: str) -> list[str]:
     a = _arch_of(model, which)
     if a["patch"][0] != a["patch"][1] or a["img"][0] != a["img"][1]:
         raise JepaError("export: Hugging Face I-JEPA needs square images and patches; use --format timm or safetensors")
-    _, sd = _encoder_state(model, which)
+    sd = model.encoder_state(which)
     d = a["embed_dim"]
     w = {"embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
          "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
