@@ -156,3 +156,16 @@ def test_grid_level_problems_are_recipe_errors():
         estimate(load_recipe(tiny_recipe(masker={"min_keep": 100})))
     with pytest.raises(RecipeError, match="data.batch_size: global batch 8 is not divisible by world size 3 x train.grad_accum 1"):
         estimate(load_recipe(tiny_recipe(dist={"world_size": 3})))
+
+
+@pytest.mark.parametrize("depths", [(3, 2), (5, 4)])
+def test_flops_extrapolated_from_shallow_models_equal_the_full_count(depths):
+    """recipe check counts FLOPs on 1- and 2-block models and extrapolates; that must be exact."""
+    from jepa.model.cost import _count_flops, example_masks, step_flops
+
+    depth, pred_depth = depths
+    resolved = load_recipe(tiny_recipe(model={"size": "vit_test", "depth": depth, "predictor_depth": pred_depth}))
+    shape, grid, batch = example_masks(resolved, 4)
+    full = _count_flops(resolved, shape, grid, batch, 4, depth, pred_depth)
+    assert full > 0
+    assert step_flops(resolved, shape, grid, batch, 4) == full
