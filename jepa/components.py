@@ -68,6 +68,10 @@ class Tokenizer(Component, nn.Module):
     def grid(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
         return type(self).grid_for(self.cfg, tuple(sample_shape))
 
+    def init_weights(self) -> None:
+        """Called by the encoder after its generic initialisation (truncated normal, std 0.02, for
+        every linear and conv weight), so a tokenizer can own the init of its own layers."""
+
     def coords(self, grid: tuple[int, ...]) -> torch.Tensor:
         """Coordinates ``[N, k]`` of the tokens of ``grid``; position embeddings are built from them."""
         return grid_coords(grid)

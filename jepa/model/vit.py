@@ -129,6 +129,7 @@ class Encoder(nn.Module):
         self.blocks = make_blocks(self.embed_dim, depth, num_heads, mlp_ratio, qkv_bias)
         self.norm = LayerNorm(self.embed_dim)
         init_weights(self)
+        tokenizer.init_weights()
         rescale_blocks(self.blocks)
 
     def grid(self, x: torch.Tensor) -> tuple[int, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -12,6 +14,11 @@ from jepa import ComponentConfig, JepaError, Tokenizer
 class PatchConfig(ComponentConfig):
     patch_size: int | tuple[int, int] = Field(16, description="Patch height and width in pixels (one int or [h, w]).")
     in_chans: int = Field(3, gt=0, description="Input channels.")
+    init: Literal["trunc_normal", "xavier"] = Field(
+        "trunc_normal", description="Patch-projection init. `trunc_normal`: std 0.02, the reference's (token "
+        "content then scales with sqrt(patch area): ~0.55 for 16x16 patches, ~0.14 for 4x4 ones, against "
+        "position embeddings of RMS ~0.7). `xavier`: Xavier-uniform on the flattened kernel (as MAE), "
+        "which keeps content tokens at ~0.6 whatever the patch size; use it for small patches.")
 
     @field_validator("patch_size")
     @classmethod
@@ -52,6 +59,11 @@ class PatchTokenizer(Tokenizer):
         if h % ph or w % pw:
             raise JepaError(f"tokenizer.patch_size: image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
         return (h // ph, w // pw)
+
+    def init_weights(self) -> None:
+        if self.cfg.init == "xavier":
+            w = self.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.grid(tuple(x.shape[1:]))
