@@ -8,7 +8,8 @@ One timed step is everything the trainer does per optimizer step except reading 
 * the batch moved to the device; target-encoder forward, context-encoder forward, predictor, loss
   (under ``torch.autocast(device, bfloat16)`` for bf16), backward;
 * gradient clipping if the recipe asks for it, ``set_hparams`` with the schedule's values,
-  ``optimizer.step`` (``build_optimizer``), ``zero_grad`` and the EMA update of the target encoder.
+  ``optimizer.step`` (``build_optimizer``), ``zero_grad`` and the EMA update of the target encoder,
+  behind the trainer's non-finite guard (``jepa.train.guards``; ``--no-guard`` leaves it out).
 
 Inputs are random-normal tensors of the source's sample shape. The per-device batch is
 ``data.batch_size / (dist.world_size * train.grad_accum)``; a step runs ``grad_accum`` micro-batches.
@@ -47,6 +48,7 @@ from jepa.config import load_recipe
 from jepa.data.pipeline import Collate, derive_seed, per_device_batch
 from jepa.model import build_jepa, ema_update, set_attention
 from jepa.model.cost import estimate
+from jepa.train.guards import NonFiniteGuard, guarded_ema_update, trainable
 from jepa.train.optim import build_optimizer, set_hparams
 from jepa.train.schedules import build_schedules, training_length
 from jepa.train.trainer import pick_attention, pick_device, pick_precision
@@ -246,6 +248,8 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()[0]
 
     loss_sum = torch.zeros((), device=device)
+    params = trainable([model.encoder, model.predictor])
+    guard = None if args.no_guard else NonFiniteGuard(optimizer, r.health.max_nonfinite_in_a_row, device)
 
     def train_step(step: int):
         """One full optimizer step, as jepa.train.trainer.Trainer.fit runs it (minus data decoding).
@@ -264,13 +268,20 @@ def run(args: argparse.Namespace) -> dict:
             with phase("backward"):
                 (loss / accum).backward()
             loss_sum.add_(loss.detach() / accum)
+            loss_step = loss.detach()
         with phase("optimizer"):
-            if r.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.clip_grad)
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, r.optim.clip_grad) if r.optim.clip_grad else None
+            if guard is None:
+                optimizer.step()
+            else:  # the trainer's non-finite guard: a device-side flag, no host sync
+                ok = guard.check(params, loss_step, norm, step)
+                guard.step(ok)
             optimizer.zero_grad(set_to_none=True)
         with phase("ema"):
-            ema_update(model.target_encoder, model.encoder, hp["momentum"])
+            if guard is None:
+                ema_update(model.target_encoder, model.encoder, hp["momentum"])
+            else:
+                guarded_ema_update(model.target_encoder, model.encoder, hp["momentum"], ok)
         return batches, t_mask
 
     times, cpu_times, mask_times, shapes = [], [], [], []
@@ -340,6 +351,7 @@ def run(args: argparse.Namespace) -> dict:
         "mfu": round(achieved / peak, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "mean_loss": round(mean_loss, 6),
+        "nonfinite_guard": not args.no_guard,
         "threads": threads,
         "cpu_util": None if cpu_util is None else round(cpu_util, 3),
         "loadavg_1m_before_after": [round(load_before, 2), round(load_after, 2)],
@@ -371,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="after timing, profile N more steps with torch.profiler (table on stderr)")
     p.add_argument("--profile-rows", type=int, default=25, help="rows of the profile table (default 25)")
     p.add_argument("--profile-trace", metavar="FILE", help="also write a Chrome trace of the profiled steps")
+    p.add_argument("--no-guard", action="store_true",
+                   help="leave out the trainer's non-finite step guard (to measure what it costs)")
     p.add_argument("--json", action="store_true", help="stdout is exactly one JSON object")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:

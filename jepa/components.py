@@ -138,8 +138,39 @@ class Source(Component):
         """Evaluation transform of one raw input (a file path, bytes, or an in-memory object)."""
         raise NotImplementedError
 
+    def render(self, x: torch.Tensor) -> Any:
+        """A picture of one decoded sample for ``jepa viz``: a float ``[H, W, 3]`` NumPy array in [0, 1].
+
+        Rows and columns of the picture must run along axes 0 and 1 of the tokenizer's grid, so the
+        viz commands can lay the token grid over it. The default shows ``[3, H, W]`` tensors as colour
+        (each sample stretched to its own range), ``[1, H, W]`` and ``[H, W]`` ones (spectrograms) as a
+        heat image, and 1-D signals as a one-row strip. Override it to undo a normalisation or to
+        transpose a layout.
+        """
+        return default_render(x)
+
     def resized(self, size: Any) -> Source:
         """A copy producing samples of another input size (evaluation at a new resolution)."""
         from .errors import JepaError
 
         raise JepaError(f"--input-size: the {type(self).__name__} source has no adjustable input size")
+
+
+def default_render(x: torch.Tensor) -> Any:
+    """See :meth:`Source.render`."""
+    import numpy as np
+
+    a = x.detach().float().cpu()
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[0] != 3):
+        raise ValueError(f"cannot picture a sample of shape {list(x.shape)}; give the source a render() method")
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
+    if a.ndim == 3:
+        return a.permute(1, 2, 0).numpy()
+    v = a.numpy()
+    # A "hot" ramp (black, red, yellow, white) without matplotlib's colour maps.
+    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)

@@ -48,3 +48,17 @@ class SampleError(Exception):
 
 class CheckpointError(JepaError):
     """A checkpoint is missing, incomplete, or does not match the run."""
+
+
+class TrainingStopped(JepaError):
+    """Training stopped on purpose before its end: a signal, repeated non-finite steps, or the collapse
+    alarm with ``health.collapse = "stop"``. The message names the step and the checkpoint to resume from.
+
+    Args:
+        message: the one-line report.
+        exit_code: the process exit status (128 + signal number for a signal, as shells report it).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

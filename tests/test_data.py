@@ -116,4 +116,4 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     batch = Collate("pad")([ds[p] for p in range(len(ds))])
     assert len(batch) == 6
     assert sorted(s.reason for s in batch.skipped) == ["corrupt", "empty", "no_image", "truncated"]
-    assert all(str(shard) in s.key for s in batch.skipped)
+    assert all(s.shard == str(shard) and s.key.startswith("bad") for s in batch.skipped)

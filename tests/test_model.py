@@ -95,7 +95,7 @@ def test_training_forward_backward_reaches_encoder_and_predictor_only():
     tgt = torch.arange(48, 64).view(1, 1, 16).expand(4, 3, 16)
     loss, stats = m(x, ctx, tgt, with_stats=True)
     loss.backward()
-    assert loss.ndim == 0 and math.isfinite(loss.item()) and set(stats) == {"target_std", "pred_std"}
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and set(stats) == {"target_std", "pred_std", "target_pooled"}
     assert all(p.grad is not None for p in m.encoder.parameters())
     assert all(p.grad is not None for p in m.predictor.parameters())
     assert all(p.grad is None and not p.requires_grad for p in m.target_encoder.parameters())

@@ -19,13 +19,14 @@ out_console = Console()
 
 
 def build_app() -> typer.Typer:
-    from . import eval_cmd, interop_cmd, plugins_cmd, pretrain_cmd, recipe_cmd
+    from . import eval_cmd, interop_cmd, plugins_cmd, pretrain_cmd, recipe_cmd, viz_cmd
 
     app = typer.Typer(name="jepa", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                       help="Self-supervised pretraining with Joint-Embedding Predictive Architectures.")
     app.add_typer(plugins_cmd.app, name="plugins")
     app.add_typer(recipe_cmd.app, name="recipe")
     app.add_typer(eval_cmd.app, name="eval")
+    app.add_typer(viz_cmd.app, name="viz")
     app.command("embed")(eval_cmd.embed_cmd)
     pretrain_cmd.register(app)
     interop_cmd.register(app)

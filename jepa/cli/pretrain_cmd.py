@@ -43,5 +43,10 @@ def pretrain(
     err_console.print(f"done: {ran} steps in {summary['seconds']:.0f} s on {summary['device']} "
                       f"({summary['precision']}){losses}", highlight=False)
     if skipped:
-        err_console.print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())), highlight=False)
+        err_console.print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+                          + " (where: summary.json)", highlight=False)
+    if summary.get("nonfinite_steps"):
+        err_console.print(f"skipped {summary['nonfinite_steps']} steps with a non-finite loss or gradient", highlight=False)
+    if summary.get("collapse_alarms"):
+        err_console.print(f"collapse alarm at steps {summary['collapse_alarms']}; see docs/reliability.md", highlight=False)
     print(f"checkpoint: {summary['checkpoint']}")

@@ -173,6 +173,22 @@ class LogConfig(Section):
     progress: bool = Field(True, description="Show a Rich progress bar.")
 
 
+class HealthConfig(Section):
+    """Guards against silent failure: non-finite steps and representation collapse (docs/reliability.md)."""
+
+    max_nonfinite_in_a_row: int = Field(
+        10, ge=1, description="A step whose loss or gradients are NaN/Inf is skipped (no optimizer step, no EMA "
+        "update) and counted; this many in a row stop the run. Checked at log and checkpoint steps.")
+    collapse: Literal["warn", "stop", "off"] = Field(
+        "warn", description="What the collapse alarm does when the feature statistics stay below the thresholds.")
+    min_target_std: float = Field(
+        0.01, ge=0, description="Alarm threshold: std across the batch of the mean-pooled target features.")
+    min_rank: float = Field(
+        1.5, ge=0, description="Alarm threshold: effective rank (RankMe) of the pooled target features of a batch.")
+    collapse_patience: int = Field(3, ge=1, description="Consecutive log intervals below a threshold before the alarm.")
+    collapse_after_steps: int = Field(0, ge=0, description="No alarm before this step (a warm-up may look collapsed).")
+
+
 COMPONENT_SECTIONS = ("tokenizer", "masker", "source")
 
 
@@ -194,6 +210,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
     monitor: MonitorConfig = MonitorConfig()
+    health: HealthConfig = HealthConfig()
     log: LogConfig = LogConfig()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -20,17 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..components import Masker, Source
 from ..errors import JepaError, SampleError
 from .shards import Index, Reader, parse_label
+from .skips import Skipped
 
 
 def derive_seed(*parts: object) -> int:
     """A stable 64-bit seed from any parts (Python's ``hash`` is salted per process; this is not)."""
     return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
-
-
-@dataclass
-class Skipped:
-    reason: str
-    key: str
 
 
 @dataclass
@@ -84,13 +80,16 @@ class PretrainDataset(Dataset):
     def __getitem__(self, position: int):
         epoch, i = self.sample_index(position)
         record = self.index.records[i]
+        shard = record.members[next(iter(record.members))].path
         try:
             raw = self.reader.sample(record)
             x = self.source.decode(raw, random.Random(derive_seed(self.seed, epoch, i, "view")), train=True)
         except SampleError as e:
-            return Skipped(e.reason, f"{record.members[next(iter(record.members))].path}:{record.key}")
+            return Skipped(e.reason, record.key, shard, e.detail)
         except OSError as e:
-            return Skipped("unreadable", f"{record.key}: {e}")
+            return Skipped("unreadable", record.key, shard, str(e))
+        except Exception as e:  # noqa: BLE001 - a decoder bug on one odd file must not end a week-long run
+            return Skipped("decode_error", record.key, shard, f"{type(e).__name__}: {e}")
         mask = self.masker(self.grid, random.Random(derive_seed(self.seed, epoch, i, "mask")))
         return x, mask, parse_label(raw, record), position
 
@@ -182,6 +181,10 @@ class StepBatchSampler:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # Ctrl-C and SIGTERM are the main process's business: it finishes the step (which may still need
+    # batches from the workers), writes a checkpoint and shuts the workers down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(dataset: PretrainDataset, sampler: StepBatchSampler, num_workers: int, mode: str,

@@ -90,20 +90,41 @@ def expand_spec(spec: str) -> list[str]:
     return out
 
 
-def index_shard(path: str) -> list[Record]:
+def index_shard(path: str) -> tuple[list[Record], str | None]:
+    """The samples of one shard, and what was wrong with it (None when nothing).
+
+    A shard cut short (a copy interrupted, a full disk) keeps the samples whose bytes are all there;
+    one that cannot be opened at all raises.
+    """
     records: dict[str, Record] = {}
+    problem = None
     with tarfile.open(path, "r:") as tf:
-        for info in tf:
-            if not info.isfile():
-                continue
-            key, ext = split_key(info.name)
-            if not ext or os.path.basename(key).startswith("."):
-                continue
-            rec = records.get(key)
-            if rec is None:
-                rec = records[key] = Record(key, {})
-            rec.members[ext] = Member(path, info.offset_data, info.size)
-    return list(records.values())
+        try:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                key, ext = split_key(info.name)
+                if not ext or os.path.basename(key).startswith("."):
+                    continue
+                rec = records.get(key)
+                if rec is None:
+                    rec = records[key] = Record(key, {})
+                rec.members[ext] = Member(path, info.offset_data, info.size)
+        except (tarfile.TarError, OSError) as e:
+            problem = f"damaged after {len(records)} samples ({e})"
+        end = tf.offset  # where the next header would start: a whole tar has two zero blocks there
+    size = os.path.getsize(path)
+    if problem is None and size - end < 2 * tarfile.BLOCKSIZE:
+        # tarfile reads a file cut inside a header or right after a member as a clean end of archive.
+        problem = "truncated: no end-of-archive marker"
+    whole = [r for r in records.values() if all(m.offset + m.size <= size for m in r.members.values())]
+    if problem is not None and whole and whole[-1] is list(records.values())[-1]:
+        # The members of a sample are contiguous: the last one read may have lost its later members
+        # (its label, say) to the cut even though the ones it kept are whole.
+        whole.pop()
+    if len(whole) < len(records):
+        problem = problem or f"truncated: {len(records) - len(whole)} samples cut off"
+    return whole, problem
 
 
 def index_folder(root: Path) -> Index:
@@ -134,13 +155,29 @@ def build_index(spec: str) -> Index:
         index = Index([])
         for p in paths:
             try:
-                index.records.extend(index_shard(p))
+                records, problem = index_shard(p)
             except (tarfile.TarError, OSError) as e:
-                index.bad_shards.append(f"{p}: {e}")
+                index.bad_shards.append(f"{p}: cannot be opened ({e}); skipped")
+                continue
+            index.records.extend(records)
+            if problem:
+                index.bad_shards.append(f"{p}: {problem}; kept {len(records)} complete samples")
     if not index.records:
         why = f" ({'; '.join(index.bad_shards)})" if index.bad_shards else ""
         raise JepaError(f"data: no samples found in '{spec}'{why}")
     return index
+
+
+def check_decodable(index: Index, extensions: tuple[str, ...], spec: str) -> None:
+    """An error, before any training, when no sample has a member the source can decode."""
+    if not extensions:
+        return  # the source does not declare what it reads
+    wanted = {e.lower() for e in extensions}
+    if any(wanted & {ext.lower() for ext in r.members} for r in index.records):
+        return
+    found = sorted({ext for r in index.records[:1000] for ext in r.members})
+    raise JepaError(f"data: none of the {len(index)} samples in '{spec}' has a member this source decodes "
+                    f"({', '.join(sorted(wanted))}); found: {', '.join(found) or 'nothing'}")
 
 
 class Reader:

@@ -87,9 +87,11 @@ class JEPA(nn.Module):
         if not with_stats:
             return loss, {}
         with torch.no_grad():
+            pooled = h.float().mean(dim=1)
             stats = {
-                "target_std": h.float().mean(dim=1).std(dim=0).mean(),
+                "target_std": pooled.std(dim=0).mean(),
                 "pred_std": pred.float().std(dim=(0, 1)).mean(),
+                "target_pooled": pooled,  # [B, D]: the trainer's effective rank (RankMe) of the batch
             }
         return loss, stats
 

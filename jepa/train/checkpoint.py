@@ -44,6 +44,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file + fsync + rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -95,18 +98,30 @@ def write_checkpoint(final: Path, networks: dict[str, torch.nn.Module | dict], s
         _fsync_dir(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); "
+        if isinstance(e, Exception):  # torch.save reports a full disk as RuntimeError, safetensors as its own
+            raise CheckpointError(f"could not write checkpoint {final} ({_why(e)}); "
                                   f"any previous checkpoint is intact") from None
         raise
     return final
+
+
+def _why(e: Exception) -> str:
+    """The cause of a failed write in a few words (``File too large``, ``No space left on device``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
 
 
 def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module], state: dict, meta: dict,
                     recipe_toml: str, keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep_last``."""
     final = write_checkpoint(ckpt_root / f"step_{step:06d}", networks, state, {**meta, "step": step}, recipe_toml)
-    write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    try:
+        write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    except OSError as e:  # the new checkpoint is complete; `latest` still names the previous one
+        raise CheckpointError(f"could not update {ckpt_root / 'latest'} ({e.strerror or e}); it still names "
+                              "the previous checkpoint") from None
     prune(ckpt_root, keep_last)
     return final
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from .checkpoint import write_text_atomic
 
 
 def _step(line: str) -> int | None:
@@ -23,7 +26,8 @@ class MetricsLogger:
         if start_step > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None
                     and _step(line) <= start_step]  # a line cut short by a crash is dropped
-            self.path.write_text("".join(k + "\n" for k in kept))
+            # Atomic: a kill during this rewrite must not lose the history of the steps that are kept.
+            write_text_atomic(self.path, "".join(k + "\n" for k in kept))
         elif start_step == 0:
             self.path.write_text("")
         self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - line-buffered for tail -f
@@ -37,11 +41,13 @@ class MetricsLogger:
                 self.tb = None
 
     def log(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        # NaN/Inf are not JSON: a statistic that could not be computed is written as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
         if self.tb is not None:
             step = record["step"]
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:

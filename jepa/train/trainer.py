@@ -8,10 +8,8 @@ the step, so ``2 steps + resume + 2 steps`` equals ``4 steps`` bit for bit.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,8 +18,10 @@ from rich.console import Console
 from ..config.load import Resolved
 from ..data import PretrainDataset, StepBatchSampler, build_index, build_loader
 from ..data.pipeline import per_device_batch
-from ..errors import CheckpointError, JepaError
-from ..model import JEPA, build_jepa, ema_update, set_attention, training_grid
+from ..data.shards import check_decodable
+from ..data.skips import SkipLog
+from ..errors import CheckpointError, JepaError, TrainingStopped
+from ..model import JEPA, build_jepa, set_attention, training_grid
 from .checkpoint import (
     NETWORKS,
     list_checkpoints,
@@ -30,7 +30,9 @@ from .checkpoint import (
     present_networks,
     resolve_checkpoint,
     save_checkpoint,
+    write_text_atomic,
 )
+from .guards import CollapseAlarm, NonFiniteGuard, StopOnSignal, guarded_ema_update, pooled_rank, trainable
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_hparams
 from .schedules import build_schedules, training_length
@@ -83,10 +85,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def core_defaults() -> dict:
+    """Default values of every core-section field, flattened (``health.min_rank`` -> 1.5)."""
+    from ..config.schema import COMPONENT_SECTIONS, _submodel_names
+
+    return flatten({name: cls().model_dump(mode="json", exclude_none=True)
+                    for name, cls in _submodel_names().items() if name not in COMPONENT_SECTIONS})
+
+
 def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.", "log.", "model.init")) -> list[str]:
-    fo, fn = flatten(old), flatten(new)
+    """Fields whose values differ. A field the checkpoint's recipe lacks (added by a newer version)
+    and that is at its default now is not a change, so upgrading does not block a resume."""
+    fo, fn, defaults = flatten(old), flatten(new), core_defaults()
     keys = sorted(set(fo) | set(fn))
-    return [k for k in keys if fo.get(k) != fn.get(k) and not k.startswith(ignore)]
+    return [k for k in keys if fo.get(k) != fn.get(k) and not k.startswith(ignore)
+            and not (k not in fo and k in defaults and fn.get(k) == defaults[k])]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -128,8 +141,9 @@ class Trainer:
         self.grid = training_grid(resolved)
         self.masker.check(self.grid)
         self.index = build_index(r.data.train)
+        check_decodable(self.index, tuple(getattr(self.source, "extensions", ())), r.data.train)
         for bad in self.index.bad_shards:
-            self.console.print(f"[yellow]warning:[/] skipped a shard that cannot be read: {bad}", highlight=False)
+            self.console.print(f"[yellow]warning:[/] shard {bad}", highlight=False)
         num_samples = r.data.num_samples or len(self.index)
         self.steps_per_epoch = max(1, num_samples // r.data.batch_size)
         self.total_steps = training_length(r, num_samples)
@@ -151,8 +165,6 @@ class Trainer:
         self._prepare_run_dir(resume, allow_changes)
         if r.model.init and self.start_step == 0:
             self._init_from(resolve_checkpoint(r.model.init))
-        self.skipped: Counter = Counter()
-        self.skipped_examples: list[str] = []
         self.monitor = None
         if r.monitor.every_steps:
             from ..eval.monitor import KnnMonitor
@@ -160,7 +172,7 @@ class Trainer:
             self.monitor = KnnMonitor(r.monitor, self.source, self.device, self.precision == "bf16")
         # Every check has passed: only now does the run directory change.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.toml").write_text(self.recipe_header() + self.resolved.to_toml())
+        write_text_atomic(self.run_dir / "recipe.toml", self.recipe_header() + self.resolved.to_toml())
 
     def _init_from(self, ckpt: Path) -> None:
         """Initialise from a checkpoint; an encoder-only checkpoint seeds both encoders (the target
@@ -187,39 +199,55 @@ class Trainer:
     def _prepare_run_dir(self, resume: bool, allow_changes: tuple[str, ...]) -> None:
         ckpt_root = self.run_dir / "checkpoints"
         recipe_file = self.run_dir / "recipe.toml"
-        if resume:
+        self.skips, self.guard_state, self.resumed_from = SkipLog(), {}, None
+        started = bool(list_checkpoints(ckpt_root)) or (ckpt_root / "latest").exists()
+        if resume and recipe_file.is_file() and not started:
+            # Killed before its first checkpoint: there is nothing to resume, so start over, loudly.
+            self._refuse_changes(_read_toml(recipe_file), allow_changes)
+            self.console.print(f"[yellow]warning:[/] {self.run_dir} has no checkpoint yet (it stopped before the "
+                               "first one): starting from step 0", highlight=False)
+        elif resume:
             ckpt = resolve_checkpoint(self.run_dir)
-            saved = _read_toml(ckpt / "recipe.toml")
-            changed = [c for c in recipe_changes(saved, self.resolved.to_dict()) if not _allowed(c, allow_changes)]
-            if changed:
-                raise CheckpointError(f"--resume: the recipe differs from the checkpoint's in {', '.join(changed)}; "
-                                      f"pass --allow-changes {','.join(changed)} if that is intended")
+            self._refuse_changes(_read_toml(ckpt / "recipe.toml"), allow_changes)
             load_networks(ckpt, self.networks())
             state = load_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.start_step = int(state["step"])
-            self.skipped_prev = state.get("skipped", {})
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.start_step = int(state["step"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"checkpoint: {ckpt / 'state.pt'} does not match this run: {e}") from None
+            self.skips = SkipLog(state=state.get("skips") or {"by_reason": state.get("skipped", {})})
+            self.guard_state, self.resumed_from = state.get("nonfinite", {}), ckpt
             self.console.print(f"resuming from {ckpt} at step {self.start_step}")
-        else:
-            if list_checkpoints(ckpt_root) or recipe_file.exists():
-                raise JepaError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
-                                "or choose another --run-dir")
-            self.skipped_prev = {}
+        elif started or recipe_file.exists():
+            raise JepaError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
+                            "or choose another --run-dir")
 
+    def _refuse_changes(self, saved: dict, allow_changes: tuple[str, ...]) -> None:
+        changed = [c for c in recipe_changes(saved, self.resolved.to_dict()) if not _allowed(c, allow_changes)]
+        if changed:
+            raise CheckpointError(f"--resume: the recipe differs from the checkpoint's in {', '.join(changed)}; "
+                                  f"pass --allow-changes {','.join(changed)} if that is intended")
 
     def recipe_header(self) -> str:
         lines = [f"# {k} {v}" for k, v in sorted(self.versions.items())]
         return "# resolved recipe written by jepa; plugin versions:\n" + "\n".join(lines) + "\n\n"
 
     # ----------------------------------------------------------------------- checkpoints
-    def save(self, step: int) -> Path:
+    def save(self, step: int, guard: NonFiniteGuard) -> Path:
         meta = {"recipe_hash": self.resolved.digest(), "versions": self.versions, "total_steps": self.total_steps,
                 "precision": self.precision, "grid": list(self.grid)}
+        skips = self.skips.state_dict()
         state = {"optimizer": self.optimizer.state_dict(), "step": step,
                  "data_position": step * self.recipe.data.batch_size,
-                 "skipped": dict(self.skipped + Counter(self.skipped_prev))}
-        return save_checkpoint(self.run_dir / "checkpoints", step, self.networks(), state, meta,
-                               self.resolved.to_toml(), self.recipe.checkpoint.keep_last)
+                 "skipped": skips["by_reason"], "skips": skips, "nonfinite": guard.state_dict()}
+        try:
+            path = save_checkpoint(self.run_dir / "checkpoints", step, self.networks(), state, meta,
+                                   self.resolved.to_toml(), self.recipe.checkpoint.keep_last)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}") from None
+        self.last_ckpt = path
+        return path
 
     # ----------------------------------------------------------------------- the loop
     def loader(self):
@@ -230,82 +258,149 @@ class Trainer:
                             pin_memory=self.device.type == "cuda")
 
     def fit(self) -> dict:
+        """Train from ``start_step`` to ``end_step``; returns (and writes) the run summary.
+
+        Raises :class:`TrainingStopped` after a signal (with a checkpoint), after too many non-finite
+        steps in a row, or on a collapse alarm set to stop; the summary is written in every case.
+        """
+        self.last_ckpt, self.t_start = self.resumed_from, time.perf_counter()
+        self.losses: list[float] = []
+        self.alarm = CollapseAlarm(self.recipe.health)
+        guard = NonFiniteGuard(self.optimizer, self.recipe.health.max_nonfinite_in_a_row, self.device,
+                               self.guard_state)
+        self.guard = guard
+        logger = MetricsLogger(self.run_dir, self.start_step, self.recipe.log.tensorboard)
+        progress = _Progress(self.console, self.recipe.log.progress, self.start_step, self.total_steps)
+        stopped = None
+        try:
+            with StopOnSignal(self.console) as stop:
+                self._loop(guard, logger, progress, stop)
+        except BaseException as e:
+            stopped = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise
+        finally:
+            progress.close()
+            logger.close()
+            summary = self._summary(stopped)
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def _loop(self, guard: NonFiniteGuard, logger: MetricsLogger, progress: _Progress, stop: StopOnSignal) -> None:
         r = self.recipe
         log_every, ckpt_every, accum = r.log.every_steps, r.checkpoint.every_steps, r.train.grad_accum
-        logger = MetricsLogger(self.run_dir, self.start_step, r.log.tensorboard)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        params = trainable([self.model.encoder, self.model.predictor])
         batches = iter(self.loader())
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        first_loss = last_loss = None
-        interval_steps, interval_samples = 0, 0
-        t_interval = t_start = time.perf_counter()
-        last_ckpt = None
-        progress = _Progress(self.console, r.log.progress, self.start_step, self.total_steps)
         try:
+            self.model.train()
+            loss_sum = torch.zeros((), device=self.device)
+            good_steps = torch.zeros((), device=self.device)
+            interval = {"steps": 0, "samples": 0, "t": time.perf_counter(), "first": True}
             for step in range(self.start_step, self.end_step):
                 hp = self.schedules(step)
                 set_hparams(self.optimizer, hp["lr"], hp["wd"])
                 log_step = (step + 1) % log_every == 0 or step + 1 == self.end_step
+                step_loss = torch.zeros((), device=self.device)
                 for micro in range(accum):
                     batch = next(batches)
-                    self._count_skipped(batch.skipped)
+                    self.skips.add(batch.skipped)
                     batch = batch.to(self.device)
                     with autocast:
                         loss, stats = self.model(batch.x, batch.context_idx, batch.target_idx, batch.context_valid,
                                                  batch.target_valid, with_stats=log_step and micro == accum - 1)
                     (loss / accum).backward()
-                    loss_sum += loss.detach() / accum
-                    interval_samples += len(batch)
-                if r.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.clip_grad)
-                self.optimizer.step()
+                    step_loss += loss.detach() / accum
+                    interval["samples"] += len(batch)
+                norm = torch.nn.utils.clip_grad_norm_(params, r.optim.clip_grad) if r.optim.clip_grad else None
+                ok = guard.check(params, step_loss, norm, step)
+                guard.step(ok)
                 self.optimizer.zero_grad(set_to_none=True)
-                ema_update(self.model.target_encoder, self.model.encoder, hp["momentum"])
+                guarded_ema_update(self.model.target_encoder, self.model.encoder, hp["momentum"], ok)
+                loss_sum += torch.where(ok, step_loss, torch.zeros_like(step_loss))
+                good_steps += ok.float()
                 done = step + 1
-                interval_steps += 1
+                interval["steps"] += 1
                 if log_step:
-                    # The only host synchronisation of the loop: once per log interval.
-                    elapsed = time.perf_counter() - t_interval
-                    last_loss = loss_sum.item() / interval_steps
-                    first_loss = last_loss if first_loss is None else first_loss
-                    record = {"step": done, "epoch": done * r.data.batch_size / len(self.index), "loss": last_loss,
-                              **hp, "samples_per_s": interval_samples / max(elapsed, 1e-9),
-                              **{k: float(v) for k, v in stats.items()},
-                              "skipped": sum(self.skipped.values()) + sum(self.skipped_prev.values()),
-                              "rank": 0}
-                    logger.log(record)
-                    progress.update(done, record)
-                    loss_sum.zero_()
-                    interval_steps, interval_samples, t_interval = 0, 0, time.perf_counter()
-                    if not math.isfinite(last_loss):
-                        raise JepaError(f"loss is {last_loss} at step {done}; last good checkpoint: {last_ckpt}")
+                    self._log(done, hp, stats, loss_sum, good_steps, interval, logger, progress)
                 if self.monitor is not None and (done % r.monitor.every_steps == 0 or done == self.end_step):
                     quality = {"step": done, **self.monitor(self.model.target_encoder)}
                     logger.log(quality)
                     progress.note(f"step {done}: k-NN top-1 {100 * quality['knn_top1']:.1f}%")
-                if done % ckpt_every == 0 or done == self.end_step:
-                    last_ckpt = self.save(done)
+                ckpt_step = done % ckpt_every == 0 or done == self.end_step
+                if ckpt_step:
+                    self._check_nonfinite(guard)
+                if ckpt_step or stop.signum:
+                    self.save(done, guard)
+                if stop.signum:
+                    raise TrainingStopped(f"stopped by {stop.name} after step {done}; checkpoint {self.last_ckpt}; "
+                                          "continue with --resume", exit_code=128 + stop.signum)
         finally:
-            progress.close()
-            logger.close()
-        summary = {
+            # Stop the DataLoader workers now, not at interpreter exit: they ignore SIGTERM (the main
+            # process owns preemption), so multiprocessing's exit-time terminate() would wait forever.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _log(self, done: int, hp: dict, stats: dict, loss_sum: torch.Tensor, good_steps: torch.Tensor,
+             interval: dict, logger: MetricsLogger, progress: _Progress) -> None:
+        """One metrics record. The loop's only host synchronisation: one combined read per interval."""
+        r = self.recipe
+        pooled = stats.pop("target_pooled", None)
+        names = ["loss_sum", "good", "nonfinite", "hit", *stats]
+        values = torch.stack([loss_sum, good_steps, self.guard.total, self.guard.hit,
+                              *(v.float() for v in stats.values())]).tolist()
+        got = dict(zip(names, values, strict=True))
+        elapsed = time.perf_counter() - interval["t"]
+        loss = got["loss_sum"] / got["good"] if got["good"] else None
+        feature = {k: got[k] for k in stats}
+        if pooled is not None:
+            feature["rank"] = pooled_rank(pooled)
+        record = {"step": done, "epoch": done * r.data.batch_size / len(self.index), "loss": loss, **hp,
+                  "samples_per_s": interval["samples"] / max(elapsed, 1e-9), **feature,
+                  "nonfinite_steps": int(got["nonfinite"]), "skipped": self.skips.total(),
+                  "skipped_reasons": dict(self.skips.by_reason)}
+        new = self.skips.take_new()
+        if new:
+            record["skipped_new"] = new
+        if interval["first"] and self.index.bad_shards:
+            record["bad_shards"] = self.index.bad_shards
+        warning = self.alarm.update(done, feature)
+        if warning:
+            record["collapse_alarm"] = True
+        logger.log(record)
+        if loss is not None:
+            self.losses.append(loss)
+        progress.update(done, record)
+        loss_sum.zero_()
+        good_steps.zero_()
+        interval.update(steps=0, samples=0, t=time.perf_counter(), first=False)
+        self._check_nonfinite(self.guard, int(got["hit"]))
+        if warning:
+            self.console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+            if r.health.collapse == "stop":
+                raise TrainingStopped(f"{warning}; stopped (health.collapse = \"stop\"); last checkpoint: "
+                                      f"{self.last_ckpt or 'none'}")
+
+    def _check_nonfinite(self, guard: NonFiniteGuard, hit: int | None = None) -> None:
+        hit = int(guard.hit.item()) if hit is None else hit
+        if hit >= 0:
+            n = guard.limit
+            raise TrainingStopped(f"{n} steps in a row had a non-finite loss or gradient (steps {hit - n + 1}-{hit}, "
+                                  f"all skipped); stopped; the last good checkpoint is {self.last_ckpt or 'none'}")
+
+    def _summary(self, stopped: str | None) -> dict:
+        return {
             "run_dir": str(self.run_dir), "steps": self.end_step, "total_steps": self.total_steps,
             "start_step": self.start_step,
-            "first_loss": first_loss, "final_loss": last_loss, "seconds": time.perf_counter() - t_start,
-            "checkpoint": str(last_ckpt) if last_ckpt else None, "precision": self.precision,
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "seconds": time.perf_counter() - self.t_start,
+            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "precision": self.precision,
             "attention": self.attention, "device": str(self.device), "samples": len(self.index),
-            "skipped": dict(self.skipped + Counter(self.skipped_prev)), "skipped_examples": self.skipped_examples[:20],
-            "bad_shards": self.index.bad_shards,
+            **self.skips.summary(), "bad_shards": self.index.bad_shards,
+            "nonfinite_steps": int(self.guard.total.item()), "collapse_alarms": self.alarm.fired_at,
+            "stopped": stopped,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-
-    def _count_skipped(self, skipped) -> None:
-        for s in skipped:
-            self.skipped[s.reason] += 1
-            if len(self.skipped_examples) < 100:
-                self.skipped_examples.append(f"{s.reason}: {s.key}")
 
 
 def _allowed(field: str, allow: tuple[str, ...]) -> bool:
@@ -337,7 +432,8 @@ class _Progress:
         self.enabled = enabled
 
     def update(self, step: int, rec: dict) -> None:
-        info = f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['samples_per_s']:.0f} samples/s"
+        loss = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
+        info = f"loss {loss}  lr {rec['lr']:.2e}  {rec['samples_per_s']:.0f} samples/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif self.enabled:

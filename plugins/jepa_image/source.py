@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +86,20 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+#: magic numbers of common non-image files found where an image was expected
+_OTHER_FORMATS = ((b"RIFF", "a RIFF (WAV/AVI) file"), (b"fLaC", "a FLAC file"), (b"OggS", "an Ogg file"),
+                  (b"ID3", "an MP3 file"), (b"%PDF", "a PDF file"), (b"PK\x03\x04", "a zip file"),
+                  (b"\x1f\x8b", "a gzip file"), (b"\x93NUMPY", "a NumPy array"), (b"\x7fELF", "an executable"))
+
+
+def sniff_other_format(data: bytes) -> str | None:
+    """Name the kind of a well-known non-image file (``wrong_format``), or None when unknown (``corrupt``)."""
+    for magic, name in _OTHER_FORMATS:
+        if data.startswith(magic):
+            return f"{name}, not an image"
+    return None
+
+
 class ImageSource(Source):
     Config = ImageSourceConfig
     summary = "Images (jpg, png, webp, ...) from WebDataset shards or folders; RandomResizedCrop + normalise"
@@ -117,10 +132,22 @@ class ImageSource(Source):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise SampleError("too_large", str(e)) from None
-        except (OSError, SyntaxError, ValueError) as e:
+        except Image.UnidentifiedImageError as e:
+            other = sniff_other_format(data)
+            raise SampleError("wrong_format" if other else "corrupt", other or str(e)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, ZeroDivisionError) as e:
+            # Pillow's decoders report damaged files with any of these.
             reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
-            raise SampleError(reason, str(e)) from None
-        return img.convert("RGB")
+            raise SampleError(reason, f"{type(e).__name__}: {e}") from None
+        try:
+            return img.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise SampleError("corrupt", f"{type(e).__name__}: {e}") from None
+
+    def render(self, x: torch.Tensor) -> np.ndarray:
+        """Undo the normalisation: the ``[3, H, W]`` tensor as the ``[H, W, 3]`` picture in [0, 1]."""
+        img = x.detach().float().cpu() * self._std + self._mean
+        return img.clamp(0, 1).permute(1, 2, 0).numpy()
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
