@@ -14,9 +14,18 @@ from jepa.config.load import apply_overrides, expand_vars
 from .conftest import QUICK_TRAIN, tiny_recipe
 
 
-def problems(recipe: dict, overrides=()) -> list[str]:
+def image_only():
+    """The plugins a user has who installed only the core distribution (no audio, no third parties)."""
+    import jepa_image.plugin
+
+    from jepa.plugins import from_modules
+
+    return from_modules(("image", jepa_image.plugin))
+
+
+def problems(recipe: dict, overrides=(), plugins=None) -> list[str]:
     with pytest.raises(RecipeError) as info:
-        load_recipe(recipe, list(overrides))
+        load_recipe(recipe, list(overrides), plugins=plugins)
     return info.value.problems
 
 
@@ -63,14 +72,14 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_unknown_component_lists_available():
-    [line] = problems(tiny_recipe(source={"name": "imag"}))
+    [line] = problems(tiny_recipe(source={"name": "imag"}), plugins=image_only())
     assert line == "source.name: unknown source 'imag'; available: image (image); did you mean 'image'?"
 
 
 def test_requires_missing_plugin_gives_install_hint():
     r = tiny_recipe()
     r["requires"] = ["image", "audio"]
-    [line] = problems(r)
+    [line] = problems(r, plugins=image_only())
     assert line.startswith("requires: plugin 'audio' is not installed") and "pip install" in line
 
 

@@ -75,7 +75,9 @@ def test_allow_and_block_lists(monkeypatch):
 
 
 def test_unknown_component_suggests_and_names_providers():
-    reg = get_plugins().registry
+    import jepa_image.plugin
+
+    reg = from_modules(("image", jepa_image.plugin)).registry  # as if the audio plugin were not installed
     with pytest.raises(RecipeError, match=r"available: multiblock \(image\); did you mean 'multiblock'"):
         reg.get("masker", "multiblok")
     with pytest.raises(RecipeError, match="provided by the 'audio' plugin.*pip install"):

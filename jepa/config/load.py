@@ -212,6 +212,29 @@ def resolve_paths(data: dict, base: Path) -> dict:
     return data
 
 
+def missing_plugins(recipe: Recipe, registry, plugin_names: set[str]) -> list[str]:
+    """One line per known plugin that is absent but provides components the recipe names.
+
+    A recipe without ``requires`` that uses a missing modality (tokenizer, masker and source) would
+    otherwise get three "unknown component" lines for one cause.
+    """
+    needed: dict[str, list[str]] = {}
+    for kind in COMPONENT_SECTIONS:
+        name = getattr(recipe, kind).name
+        owner, _, short = name.rpartition(".")
+        if short in registry.entries[kind]:
+            continue
+        for plugin, info in KNOWN_PLUGINS.items():
+            if plugin not in plugin_names and short in info["components"].get(kind, []) and owner in ("", plugin):
+                needed.setdefault(plugin, []).append(f"{kind} '{name}'")
+    lines = []
+    for plugin, uses in needed.items():
+        verb = "are" if len(uses) > 1 else "is"
+        lines.append(f"{uses[0].split()[0]}.name: {' and '.join(uses)} {verb} provided by the '{plugin}' plugin, which "
+                     f"is not installed or is disabled; install it with `{KNOWN_PLUGINS[plugin]['install']}`")
+    return lines
+
+
 def validate(data: dict, registry, plugin_names: set[str], path: Path | None = None) -> Resolved:
     """Validate a recipe dict (variables already expanded) in two passes. Raises RecipeError listing
     every problem."""
@@ -225,6 +248,8 @@ def validate(data: dict, registry, plugin_names: set[str], path: Path | None = N
         if plugin not in plugin_names:
             hint = KNOWN_PLUGINS.get(plugin, {}).get("install", f"install the distribution that provides '{plugin}'")
             problems.append(f"requires: plugin '{plugin}' is not installed or is disabled; install it with `{hint}`")
+    if not problems:
+        problems = missing_plugins(recipe, registry, plugin_names)
     if problems:
         raise RecipeError(problems)
     # Pass two: each component's own Config gets only its own section.
