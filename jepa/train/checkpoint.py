@@ -136,7 +136,14 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def prune(ckpt_root: Path, keep_last: int) -> None:
     ckpts = list_checkpoints(ckpt_root)
     for old in ckpts[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first (atomic), then deleted: a kill during the delete must not leave a
+        # half-deleted step_* directory that looks like a checkpoint. The next prune removes it.
+        trash = old.with_name(f".tmp-{old.name}-deleting")
+        try:
+            os.replace(old, trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-step_*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
 
