@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from quality_cifar10 import log, probes  # same protocol as the image benchmark
 from torch.utils.data import DataLoader
 
 import jepa
@@ -30,7 +31,6 @@ from jepa.api import run_pretrain
 from jepa.config import load_recipe
 from jepa.data import build_index
 from jepa.eval.features import EvalDataset, _collate, encode_dataset
-from jepa.eval.probes import effective_rank, knn_probe, linear_probe
 from jepa.model import build_from_recipe
 from jepa.train.checkpoint import write_checkpoint
 
@@ -38,22 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("JEPA_DATA_ROOT", ROOT.parent / "shared" / "data")) / "fsdd"
 TRAIN, TEST = f"{DATA}/train-{{000000..000001}}.tar", f"{DATA}/test-000000.tar"
 RECIPE = "audio_fsdd_cpu"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def probes(name: str, train_x, train_y, test_x, test_y) -> dict:
-    t = time.perf_counter()
-    lin = linear_probe(train_x, train_y, test_x, test_y, 10)
-    knn = knn_probe(train_x, train_y, test_x, test_y, 10)
-    out = {"linear_top1": lin.top1, "linear_train_top1": lin.train_top1, "linear_val_top1": lin.val_top1,
-           "linear_chosen": lin.chosen, "knn_top1": knn.top1, "feature_dim": int(train_x.shape[1]),
-           "effective_rank": effective_rank(train_x), "probe_seconds": round(time.perf_counter() - t, 1)}
-    log(f"{name:>12}: linear {100 * lin.top1:.1f}% (train {100 * lin.train_top1:.1f}%), "
-        f"k-NN {100 * knn.top1:.1f}%, rank {out['effective_rank']:.1f}/{out['feature_dim']}")
-    return out
 
 
 def features(model, which: str = "target"):
