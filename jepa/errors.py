@@ -19,8 +19,15 @@ class RecipeError(JepaError):
     exit_code = 2
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        # Problems echo user text; a control character in it (a stray newline, \x1e) must not break
+        # the one-line-per-problem report, so it is shown escaped.
+        self.problems = [_printable(p) for p in problems]
         super().__init__("\n".join(self.problems))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class PluginError(JepaError):

@@ -8,7 +8,7 @@ import random
 import pytest
 import tomli_w
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -116,6 +116,8 @@ def test_random_text_is_a_recipe_error(tmp_path, text):
 
 
 @FAST
+@example(keys=[""], values=["\x1e\x1e", "", ""])  # found in CI: str.splitlines() breaks on \x1e
+@example(keys=["optim.lr"], values=["1\n2", "", ""])
 @given(keys=st.lists(st.text(st.sampled_from("abcdeilmnoprstx._"), max_size=20), min_size=1, max_size=3),
        values=st.lists(st.text(max_size=20), min_size=3, max_size=3))
 def test_random_overrides_are_applied_or_fail_with_a_recipe_error(keys, values):

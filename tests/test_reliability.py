@@ -70,9 +70,13 @@ def pretrain_cmd(recipe: Path, run: Path, resume: bool) -> list[str]:
 
 # --------------------------------------------------------------------------- kill -9
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    steps = 10
+    steps = 16
     recipe = tiny_recipe(steps=steps, checkpoint={"every_steps": 2, "keep_last": 2})
     run_pretrain(recipe, tmp_path / "straight")
+    # Kill within about one step of the threshold; the step time is this machine's, so a fast machine
+    # does not finish the run before the kill lands.
+    rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    step_s = sorted(recipe["data"]["batch_size"] / r["samples_per_s"] for r in rows)[len(rows) // 2]
     toml = write_recipe(tmp_path / "tiny.toml", recipe)
     run = tmp_path / "killed"
     seed = int.from_bytes(os.urandom(4), "little")
@@ -88,7 +92,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
         deadline = time.monotonic() + 600  # generous: start-up alone is slow on a loaded machine
         while proc.poll() is None and last_step(run / "metrics.jsonl") < threshold and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 1.5 * step_s))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills.append(last_step(run / "metrics.jsonl"))
