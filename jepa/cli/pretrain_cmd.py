@@ -33,6 +33,8 @@ def pretrain(
     allowed = tuple(a.strip() for a in allow_changes.split(",") if a.strip())
     summary = run_pretrain(recipe, run_dir=run_dir, resume=resume, overrides=sets, allow_changes=allowed,
                            console=err_console, stop_at=stop_at)
+    if summary.get("rank", 0) != 0:  # under torchrun, rank 0 reports for the job
+        return
     if as_json:
         print(json.dumps(summary, indent=2))
         return

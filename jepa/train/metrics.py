@@ -19,10 +19,13 @@ def _step(line: str) -> int | None:
 class MetricsLogger:
     """Appends to ``metrics.jsonl``. ``step`` counts completed steps; on resume at step ``s``, entries
     logged after ``s`` (by the interrupted run, past its last checkpoint) are dropped first, so the
-    file reads as one uninterrupted run."""
+    file reads as one uninterrupted run. Disabled (on ranks other than 0), it writes nothing."""
 
-    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self._f = self.tb = None
+        if not enabled:
+            return
         if start_step > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None
                     and _step(line) <= start_step]  # a line cut short by a crash is dropped
@@ -41,6 +44,8 @@ class MetricsLogger:
                 self.tb = None
 
     def log(self, record: dict) -> None:
+        if self._f is None:
+            return
         # NaN/Inf are not JSON: a statistic that could not be computed is written as null.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
@@ -51,6 +56,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         if self.tb is not None:
             self.tb.close()

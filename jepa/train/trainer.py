@@ -1,4 +1,5 @@
-"""The training loop: one device, read top to bottom. Distribution is applied from outside.
+"""The training loop, read top to bottom: one device per process, data-parallel under ``torchrun``
+(``distributed.py`` holds what that adds: loss weighting, agreement between ranks, one writer).
 
 State that a checkpoint restores: the three networks, the optimizer, and the step. Everything else
 (learning rate, weight decay, EMA momentum, which samples and masks come next) is a pure function of
@@ -8,7 +9,6 @@ the step, so ``2 steps + resume + 2 steps`` equals ``4 steps`` bit for bit.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from .checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from .distributed import init_distributed, wrap_ddp
 from .guards import CollapseAlarm, NonFiniteGuard, StopOnSignal, guarded_ema_update, pooled_rank, trainable
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_hparams
@@ -123,12 +124,11 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.versions = versions or {}
         r = self.recipe
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise JepaError("distributed training under torchrun is not supported by this version yet; "
-                            "run one process (it uses every core or the one GPU)")
         if not r.data.train:
             raise JepaError("data.train: no training data given; set it in the recipe or with --set data.train=PATH")
-        self.device = pick_device(r.run.device)
+        self.dist, self.device = init_distributed(pick_device(r.run.device))
+        if not self.dist.is_main:  # rank 0 reports for the job
+            self.console = Console(stderr=True, quiet=True)
         self.precision = pick_precision(r.train.precision, self.device)
         self.attention = pick_attention(r.model.attention, self.device, self.precision)
 
@@ -150,7 +150,7 @@ class Trainer:
         if self.total_steps is None:
             raise JepaError("train.steps: give the training length as train.steps or train.epochs")
         self.schedules = build_schedules(r, self.total_steps, self.steps_per_epoch)
-        per_device_batch(r.data.batch_size, 1, r.train.grad_accum)  # before anything is written
+        per_device_batch(r.data.batch_size, self.dist.world_size, r.train.grad_accum)  # before anything is written
         self.end_step = min(self.total_steps, stop_at) if stop_at else self.total_steps
 
         # Model and optimizer. Seeded, so a fresh run is reproducible.
@@ -161,18 +161,21 @@ class Trainer:
             for net in (self.model.encoder, self.model.predictor, self.model.target_encoder):
                 net.compile(dynamic=True)  # in place: parameter names (and checkpoints) stay the same
         self.optimizer = build_optimizer(r.optim, self.model.encoder, self.model.predictor, device=self.device)
+        self.forward = wrap_ddp(self.model, self.dist, self.device)  # the model itself on one rank
         self.start_step = 0
         self._prepare_run_dir(resume, allow_changes)
         if r.model.init and self.start_step == 0:
             self._init_from(resolve_checkpoint(r.model.init))
         self.monitor = None
-        if r.monitor.every_steps:
+        if r.monitor.every_steps and self.dist.is_main:
             from ..eval.monitor import KnnMonitor
 
             self.monitor = KnnMonitor(r.monitor, self.source, self.device, self.precision == "bf16")
-        # Every check has passed: only now does the run directory change.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "recipe.toml", self.recipe_header() + self.resolved.to_toml())
+        # Every check has passed (on every rank): only now does the run directory change.
+        self.dist.barrier()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "recipe.toml", self.recipe_header() + self.resolved.to_toml())
 
     def _init_from(self, ckpt: Path) -> None:
         """Initialise from a checkpoint; an encoder-only checkpoint seeds both encoders (the target
@@ -200,6 +203,7 @@ class Trainer:
         ckpt_root = self.run_dir / "checkpoints"
         recipe_file = self.run_dir / "recipe.toml"
         self.skips, self.guard_state, self.resumed_from = SkipLog(), {}, None
+        self._pending_skips: list = []
         started = bool(list_checkpoints(ckpt_root)) or (ckpt_root / "latest").exists()
         if resume and recipe_file.is_file() and not started:
             # Killed before its first checkpoint: there is nothing to resume, so start over, loudly.
@@ -237,6 +241,10 @@ class Trainer:
     def save(self, step: int, guard: NonFiniteGuard) -> Path:
         meta = {"recipe_hash": self.resolved.digest(), "versions": self.versions, "total_steps": self.total_steps,
                 "precision": self.precision, "grid": list(self.grid)}
+        if not self.dist.is_main:  # rank 0 writes; the weights are the same on every rank
+            self.dist.barrier()
+            self.last_ckpt = self.run_dir / "checkpoints" / f"step_{step:06d}"
+            return self.last_ckpt
         skips = self.skips.state_dict()
         state = {"optimizer": self.optimizer.state_dict(), "step": step,
                  "data_position": step * self.recipe.data.batch_size,
@@ -247,13 +255,15 @@ class Trainer:
         except CheckpointError as e:
             raise CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}") from None
         self.last_ckpt = path
+        self.dist.barrier()
         return path
 
     # ----------------------------------------------------------------------- the loop
     def loader(self):
         r = self.recipe
         dataset = PretrainDataset(self.index, self.source, self.grid, self.masker, r.run.seed, r.data.shuffle)
-        sampler = StepBatchSampler(r.data.batch_size, 0, 1, r.train.grad_accum, self.start_step, self.end_step)
+        sampler = StepBatchSampler(r.data.batch_size, self.dist.rank, self.dist.world_size, r.train.grad_accum,
+                                   self.start_step, self.end_step)
         return build_loader(dataset, sampler, r.data.num_workers, r.data.mask_collate,
                             pin_memory=self.device.type == "cuda")
 
@@ -269,8 +279,9 @@ class Trainer:
         guard = NonFiniteGuard(self.optimizer, self.recipe.health.max_nonfinite_in_a_row, self.device,
                                self.guard_state)
         self.guard = guard
-        logger = MetricsLogger(self.run_dir, self.start_step, self.recipe.log.tensorboard)
-        progress = _Progress(self.console, self.recipe.log.progress, self.start_step, self.total_steps)
+        logger = MetricsLogger(self.run_dir, self.start_step, self.recipe.log.tensorboard, enabled=self.dist.is_main)
+        progress = _Progress(self.console, self.recipe.log.progress and self.dist.is_main, self.start_step,
+                             self.total_steps)
         stopped = None
         try:
             with StopOnSignal(self.console) as stop:
@@ -282,7 +293,10 @@ class Trainer:
             progress.close()
             logger.close()
             summary = self._summary(stopped)
-            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            if self.dist.is_main:
+                write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            if stopped is None:
+                self.dist.close()  # after an error, the process exits and torchrun ends the job
         return summary
 
     def _loop(self, guard: NonFiniteGuard, logger: MetricsLogger, progress: _Progress, stop: StopOnSignal) -> None:
@@ -303,14 +317,19 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)
                 for micro in range(accum):
                     batch = next(batches)
-                    self.skips.add(batch.skipped)
+                    self._pending_skips += batch.skipped
                     batch = batch.to(self.device)
-                    with autocast:
-                        loss, stats = self.model(batch.x, batch.context_idx, batch.target_idx, batch.context_valid,
-                                                 batch.target_valid, with_stats=log_step and micro == accum - 1)
-                    (loss / accum).backward()
-                    step_loss += loss.detach() / accum
-                    interval["samples"] += len(batch)
+                    # This rank's share of the global token mean (exactly 1 on one rank).
+                    weight = self.dist.token_weight(_target_tokens(batch))
+                    with self.dist.no_sync(self.forward, micro == accum - 1):
+                        with autocast:
+                            loss, stats = self.forward(batch.x, batch.context_idx, batch.target_idx,
+                                                       batch.context_valid, batch.target_valid,
+                                                       with_stats=log_step and micro == accum - 1)
+                        (loss * weight / accum).backward()
+                    step_loss += loss.detach() * weight / accum
+                    interval["samples"] += len(batch) * self.dist.world_size
+                self.dist.mean(step_loss)  # the global loss: every rank takes the same skip decision
                 norm = torch.nn.utils.clip_grad_norm_(params, r.optim.clip_grad) if r.optim.clip_grad else None
                 ok = guard.check(params, step_loss, norm, step)
                 guard.step(ok)
@@ -327,13 +346,15 @@ class Trainer:
                     logger.log(quality)
                     progress.note(f"step {done}: k-NN top-1 {100 * quality['knn_top1']:.1f}%")
                 ckpt_step = done % ckpt_every == 0 or done == self.end_step
+                signum = self.dist.any_flag(stop.signum or 0)  # a signal to any rank stops all, at this step
                 if ckpt_step:
                     self._check_nonfinite(guard)
-                if ckpt_step or stop.signum:
+                if ckpt_step or signum:
+                    self._sync_skips()
                     self.save(done, guard)
-                if stop.signum:
-                    raise TrainingStopped(f"stopped by {stop.name} after step {done}; checkpoint {self.last_ckpt}; "
-                                          "continue with --resume", exit_code=128 + stop.signum)
+                if signum:
+                    raise TrainingStopped(f"stopped by {_signal_name(signum)} after step {done}; checkpoint "
+                                          f"{self.last_ckpt}; continue with --resume", exit_code=128 + signum)
         finally:
             # Stop the DataLoader workers now, not at interpreter exit: they ignore SIGTERM (the main
             # process owns preemption), so multiprocessing's exit-time terminate() would wait forever.
@@ -346,6 +367,14 @@ class Trainer:
         """One metrics record. The loop's only host synchronisation: one combined read per interval."""
         r = self.recipe
         pooled = stats.pop("target_pooled", None)
+        if self.dist.enabled:  # statistics of the global batch, identical on every rank
+            if pooled is not None:
+                pooled = self.dist.cat(pooled)
+                stats["target_std"] = pooled.std(dim=0).mean()
+            for k in ("pred_std",):
+                if k in stats:
+                    stats[k] = self.dist.mean(stats[k].float().clone())
+        self._sync_skips()
         names = ["loss_sum", "good", "nonfinite", "hit", *stats]
         values = torch.stack([loss_sum, good_steps, self.guard.total, self.guard.hit,
                               *(v.float() for v in stats.values())]).tolist()
@@ -381,6 +410,12 @@ class Trainer:
                 raise TrainingStopped(f"{warning}; stopped (health.collapse = \"stop\"); last checkpoint: "
                                       f"{self.last_ckpt or 'none'}")
 
+    def _sync_skips(self) -> None:
+        """Fold the samples skipped since the last call, on every rank, into every rank's count."""
+        for part in self.dist.objects(self._pending_skips):
+            self.skips.add(part)
+        self._pending_skips = []
+
     def _check_nonfinite(self, guard: NonFiniteGuard, hit: int | None = None) -> None:
         hit = int(guard.hit.item()) if hit is None else hit
         if hit >= 0:
@@ -396,11 +431,25 @@ class Trainer:
             "final_loss": self.losses[-1] if self.losses else None,
             "seconds": time.perf_counter() - self.t_start,
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "precision": self.precision,
-            "attention": self.attention, "device": str(self.device), "samples": len(self.index),
+            "attention": self.attention, "device": str(self.device), "world_size": self.dist.world_size, "rank": self.dist.rank,
+            "samples": len(self.index),
             **self.skips.summary(), "bad_shards": self.index.bad_shards,
             "nonfinite_steps": int(self.guard.total.item()), "collapse_alarms": self.alarm.fired_at,
             "stopped": stopped,
         }
+
+
+def _target_tokens(batch) -> torch.Tensor:
+    """Real (unpadded) target tokens in a batch: the loss's denominator."""
+    if batch.target_valid is not None:
+        return batch.target_valid.sum()
+    return torch.tensor(float(batch.target_idx.numel()), device=batch.target_idx.device)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def _allowed(field: str, allow: tuple[str, ...]) -> bool:

@@ -1,0 +1,138 @@
+"""Data parallelism under ``torchrun``: one process per device, the same loop as a single process.
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`init_distributed` joins the
+process group (NCCL on GPUs, gloo on CPUs) and gives each rank its device. What the trainer needs on
+top of :class:`~torch.nn.parallel.DistributedDataParallel` is here, so that a two-rank run computes
+what one rank with the same global batch computes:
+
+* **Loss weighting.** The loss is a mean over real (unpadded) target tokens, and ranks hold different
+  numbers of them, so a plain average of the ranks' means would weight tokens unequally. Each rank
+  scales its loss by its share of the global token count (:meth:`DistContext.token_weight`); DDP's
+  gradient average then equals the gradient of the global token mean.
+* **Agreement.** Every decision that ends or changes the loop (a skipped non-finite step, a collapse
+  alarm, a signal) is taken from values that are identical on every rank: the all-reduced loss, the
+  all-reduced gradients, the gathered feature statistics, and a per-step OR of the signal flags over
+  a CPU (gloo) group, which costs no device synchronisation.
+* **One writer.** Rank 0 writes the run directory, metrics and checkpoints; the others train silently.
+  Checkpoints hold plain (unwrapped) weights, so a run resumes on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistContext:
+    """This process's place in the job; a single process is ``rank 0 of 1`` and every method is a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process created the default group (and destroys it at the end)
+    ctrl: object = None       # a gloo group for host-side flags (None: the default group is gloo)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(group=self.ctrl)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a tensor (in place)."""
+        if self.enabled:
+            dist.all_reduce(t)
+            t.div_(self.world_size)
+        return t
+
+    def token_weight(self, n_local: torch.Tensor) -> torch.Tensor:
+        """``world_size * n_local / sum(n)``: the factor that turns this rank's token mean into its share of
+        the global token mean (1 on one rank)."""
+        if not self.enabled:
+            return torch.ones((), device=n_local.device)
+        total = n_local.detach().float().clone()
+        dist.all_reduce(total)
+        return n_local.float() * self.world_size / total.clamp_min(1.0)
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of every rank, concatenated in rank order (rows may differ in number across ranks)."""
+        if not self.enabled:
+            return t
+        counts = [None] * self.world_size
+        dist.all_gather_object(counts, t.shape[0], group=self.ctrl)
+        rows = max(counts)
+        padded = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+
+    def objects(self, obj: object) -> list:
+        """``obj`` of every rank, in rank order (small host-side values only)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.ctrl)
+        return out
+
+    def any_flag(self, value: int) -> int:
+        """The largest of the ranks' values (0 when none is set), over the CPU group: no device sync."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctrl)
+        return int(t.item())
+
+    def no_sync(self, module: nn.Module, last_micro: bool):
+        """DDP's gradient all-reduce only on the last micro-batch of an accumulated step."""
+        if self.enabled and not last_micro and hasattr(module, "no_sync"):
+            return module.no_sync()
+        return nullcontext()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
+    """Join the ``torchrun`` job described by the environment, if any; returns the context and this rank's
+    device (``cuda:LOCAL_RANK`` on GPUs)."""
+    world = world_from_env()
+    if world == 1:
+        return DistContext(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    ctrl = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return DistContext(rank, world, local, owns, ctrl), device
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """``module`` itself on one rank, else DDP around it. Buffers are not broadcast each step: they are
+    fixed (position tables) or copied by the EMA, identically on every rank."""
+    if not ctx.enabled:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        gradient_as_bucket_view=True)
