@@ -116,6 +116,16 @@ def test_audioset_grid_is_time_major_64x8():
     assert tok(torch.zeros(1, 1, 1024, 128)).shape == (1, 512, 32)
 
 
+@pytest.mark.parametrize("init, expected", [("trunc_normal", 0.02 * 16), ("xavier", (2 * 256 / (256 + 128)) ** 0.5)])
+def test_spectrogram_init_options_set_the_token_scale(init, expected):
+    tok = SpectrogramTokenizer(SpectrogramTokenizer.Config(patch_size=16, init=init), embed_dim=128)
+    torch.nn.init.trunc_normal_(tok.proj.weight, std=0.02)  # the core's generic init, then the tokenizer's own
+    tok.init_weights()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert tok(torch.randn(8, 1, 64, 64)).std().item() == pytest.approx(expected, rel=0.15)
+
+
 @pytest.mark.parametrize("masker, grid, message", [
     (TFMultiBlockMasker(TFMultiBlockMasker.Config(min_keep=70)), (8, 8), "masker.min_keep: 70 context tokens"),
     (TFMultiBlockMasker(TFMultiBlockMasker.Config(num_targets=6, target_scale=(0.5, 0.6), min_keep=10)), (8, 8), "masker.min_keep"),

@@ -7,6 +7,8 @@ Samples are ``[1, frames, mel_bins]`` (the audio source computes the filterbank)
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -17,6 +19,10 @@ from jepa import ComponentConfig, JepaError, Tokenizer
 class SpectrogramConfig(ComponentConfig):
     patch_size: int | tuple[int, int] = Field(16, description="Patch size in (frames, mel bins): one int or [t, f].")
     in_chans: int = Field(1, gt=0, description="Input channels (1 for a log-mel spectrogram).")
+    init: Literal["trunc_normal", "xavier"] = Field(
+        "trunc_normal", description="Patch-projection init. `trunc_normal`: std 0.02 (the reference's; content "
+        "std ~0.02 * sqrt(patch area) for a normalised spectrogram, 0.32 for 16x16). `xavier`: Xavier-uniform on "
+        "the flattened kernel, content on the scale of the position embeddings whatever the patch size.")
 
     @field_validator("patch_size")
     @classmethod
@@ -54,6 +60,11 @@ class SpectrogramTokenizer(Tokenizer):
             raise JepaError(f"tokenizer.patch_size: a {t} frames x {f} mel bins spectrogram is not divisible by the "
                             f"patch size {pt}x{pf}; set source.num_frames / source.mel_bins to multiples of it")
         return (t // pt, f // pf)
+
+    def init_weights(self) -> None:
+        if self.cfg.init == "xavier":
+            w = self.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.grid(tuple(x.shape[1:]))
