@@ -95,9 +95,12 @@ def draw_masks(resolved, data: str | None, out: str | Path, samples: int = 8, dr
         ax.set_xticks([])
         ax.set_yticks([])
     ctx, tgt = frequencies(masker, grid, draws, seed)
+    heat = spec[nrows, :].subgridspec(1, 2, wspace=0.3)  # room for each colour bar
     for k, (freq, name) in enumerate(((ctx, "context"), (tgt, "in a target"))):
-        half = ncols
-        ax = fig.add_subplot(spec[nrows, k * half:(k + 1) * half])
+        ax = fig.add_subplot(heat[0, k])
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(rows))
+        ax.tick_params(labelsize=7)
         im = ax.imshow(freq, vmin=0, vmax=1, cmap="viridis", interpolation="nearest", aspect="auto")
         edge = f"; last row {freq[-1].mean():.2f}, last col {freq[:, -1].mean():.2f}" if rows > 1 else ""
         ax.set_title(f"P({name}) per token over {draws} draws: min {freq.min():.2f}, max {freq.max():.2f}{edge}",
