@@ -124,7 +124,7 @@ def plots(run_dir: Path, out_dir: Path, baselines: dict) -> list[str]:
 def write_docs(result: dict, path: Path) -> None:
     rows = [("I-JEPA (target encoder)", result["ijepa"]), ("random init, same architecture", result["random_init"]),
             ("raw pixels", result["pixels"])]
-    lines = ["# Results", "", "## CIFAR-10 quality benchmark (`benchmarks/quality_cifar10.py`)", "",
+    lines = ["## CIFAR-10 quality benchmark (`benchmarks/quality_cifar10.py`)", "",
              f"Pretraining: `{result['recipe']}` with {' '.join(result['overrides']) or 'no overrides'}, "
              f"{result['steps']} steps in {result['pretrain_minutes']:.1f} minutes on {result['machine']}. "
              "Probes on the frozen, average-pooled features of all 30,000 training and 10,000 test images: a "
@@ -139,7 +139,19 @@ def write_docs(result: dict, path: Path) -> None:
               "linear and 32.3% k-NN.", "",
               "![loss](quality_cifar10_loss.png) ![k-NN vs steps](quality_cifar10_knn.png)", "",
               f"Reproduce: `{result['command']}` (JSON: `benchmarks/results/quality_cifar10.json`).", ""]
-    path.write_text("\n".join(lines))
+    write_section(path, "cifar10", "\n".join(lines))
+
+
+def write_section(path: Path, key: str, text: str) -> None:
+    """Replace (or append) one benchmark's section of ``docs/results.md``, keeping the others."""
+    import re
+
+    begin, end = f"<!-- {key}: written by benchmarks, do not edit -->", f"<!-- /{key} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    doc = path.read_text() if path.exists() else "# Results\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
 
 
 def main() -> None:

@@ -4,12 +4,13 @@
 2. probe the frozen target encoder (average-pooled tokens) on the test split (300 clips, takes 0-4):
    a converged linear probe (L-BFGS, weight decay chosen on a validation split) and weighted k-NN;
 3. the same probes on a randomly initialised encoder of the same architecture, and on the log-mel
-   spectrogram itself (the source's normalised eval view, average-pooled ``--mel-pool`` x ``--mel-pool``
-   to keep the L-BFGS probe affordable on 2 cores).
+   spectrogram itself (the source's normalised eval view): a clip summary (per-bin mean and std over
+   time) and the whole spectrogram, average-pooled ``--mel-pool`` x ``--mel-pool`` and flattened.
 
-Writes ``benchmarks/results/quality_fsdd.json`` and prints a Markdown section for ``docs/results.md``.
+Writes ``benchmarks/results/quality_fsdd.json`` and prints a Markdown section; ``--write-docs`` puts
+it in ``docs/results.md``.
 
-    python benchmarks/quality_fsdd.py                  # the benchmark (a few minutes of pretraining)
+    python benchmarks/quality_fsdd.py --write-docs     # the benchmark: ~11 min of pretraining, ~3 min of probes
     python benchmarks/quality_fsdd.py --steps 20       # a smoke run
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from quality_cifar10 import log, probes  # same protocol as the image benchmark
+from quality_cifar10 import log, probes, write_section  # same protocol as the image benchmark
 from torch.utils.data import DataLoader
 
 import jepa
@@ -47,15 +48,23 @@ def features(model, which: str = "target"):
 
 
 def log_mel(source, pool: int):
-    """The normalised log-mel eval views, average-pooled ``pool x pool`` and flattened."""
-    out = []
+    """Two log-mel baselines from the normalised eval views ``[1, frames, mel]``:
+
+    * ``clip``: per mel bin, mean and std over time (a clip-level summary, like the pooled encoder
+      features it is compared with);
+    * ``grid``: the whole spectrogram average-pooled ``pool x pool`` and flattened (keeps the time
+      order that average-pooled tokens give up).
+    """
+    out = {"clip": [], "grid": []}
     for spec in (TRAIN, TEST):
-        xs, ys = [], []
+        xs, clip, ys = [], [], []
         for x, y, _, _ in DataLoader(EvalDataset(build_index(spec), source), batch_size=500, num_workers=1,
                                      collate_fn=_collate):
             xs.append(torch.nn.functional.avg_pool2d(x, pool).flatten(1))
+            clip.append(torch.cat([x.mean(dim=2), x.std(dim=2)], dim=-1).flatten(1))
             ys.append(y)
-        out += [torch.cat(xs), torch.cat(ys)]
+        out["grid"] += [torch.cat(xs), torch.cat(ys)]
+        out["clip"] += [torch.cat(clip), torch.cat(ys)]
     return out
 
 
@@ -69,9 +78,11 @@ def random_init(overrides: list[str], path: Path):
 
 def markdown(r: dict) -> str:
     rows = [("I-JEPA (target encoder)", r["ijepa"]), ("random init, same architecture", r["random_init"]),
-            (f"log-mel, {r['mel_pool']}x{r['mel_pool']}-pooled", r["log_mel"])]
+            ("log-mel clip summary (per-bin mean and std over time)", r["log_mel_clip"]),
+            (f"log-mel whole spectrogram ({r['mel_pool']}x{r['mel_pool']}-pooled, flattened)", r["log_mel_grid"])]
     lines = ["## FSDD audio quality benchmark (`benchmarks/quality_fsdd.py`)", "",
-             f"Pretraining: `{r['recipe']}` {' '.join(r['overrides']) or ''}, {r['steps']} steps in "
+             f"Pretraining: `{r['recipe']}`{' with ' + ' '.join(r['overrides']) if r['overrides'] else ''}, "
+             f"{r['steps']} steps in "
              f"{r['pretrain_minutes']:.1f} minutes on {r['machine']} (loss {r['first_loss']:.3f} -> "
              f"{r['final_loss']:.3f}). Probes on frozen, average-pooled features: train split (2,700 clips, "
              "takes 5-49) -> test split (300 clips, takes 0-4, the official FSDD split; same six speakers).", "",
@@ -91,6 +102,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/quality_fsdd")
     ap.add_argument("--mel-pool", type=int, default=2, help="log-mel baseline: average-pool factor")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--write-docs", action="store_true", help="write the FSDD section of docs/results.md")
     args = ap.parse_args()
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
     overrides.append(f'data.train="{TRAIN}"')
@@ -107,11 +119,15 @@ def main() -> None:
               "command": "python benchmarks/quality_fsdd.py " + " ".join(sys.argv[1:])}
     result["ijepa"] = probes("I-JEPA", *features(model))
     result["random_init"] = probes("random init", *features(random_init(overrides, run_dir / "random_init")))
-    result["log_mel"] = probes("log-mel", *log_mel(model.source, args.mel_pool))
+    mel = log_mel(model.source, args.mel_pool)
+    result["log_mel_clip"] = probes("log-mel clip", *mel["clip"])
+    result["log_mel_grid"] = probes("log-mel grid", *mel["grid"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_fsdd.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
+    if args.write_docs:
+        write_section(ROOT / "docs" / "results.md", "fsdd", markdown(result))
 
 
 if __name__ == "__main__":
