@@ -124,3 +124,40 @@ def test_the_collapse_alarm_warns_once_per_episode_by_default(tmp_path):
     trainer.model.target_encoder.norm.weight.data.zero_()
     summary = trainer.fit()
     assert summary["collapse_alarms"] == [2] and summary["checkpoint"].endswith("step_000005")
+
+
+def test_a_collapsing_configuration_raises_the_alarm_and_the_normal_one_does_not(tmp_path):
+    # No EMA (the target encoder is the context encoder itself) and a learning rate ten times the
+    # usual: measured, the pooled target features fall to one direction (effective rank ~1.2 of 16)
+    # within 20 steps. The same recipe with the default EMA and learning rate keeps rank ~5.
+    steps = 200
+    log = {"every_steps": 10, "tensorboard": False, "progress": False}
+    collapsing = tiny_recipe(steps=steps, batch=16, log=log, ema={"momentum": 0.0, "final_momentum": 0.0},
+                             optim={"lr": 1e-2, "start_lr": 1e-3}, checkpoint={"every_steps": steps})
+    summary = run_pretrain(collapsing, tmp_path / "collapsing")
+    assert summary["collapse_alarms"], "the alarm did not fire"
+    rec = [json.loads(x) for x in (tmp_path / "collapsing" / "metrics.jsonl").read_text().splitlines()]
+    fired = next(r for r in rec if r.get("collapse_alarm"))
+    assert fired["step"] <= 100 and fired["rank"] < 1.5
+    normal = run_pretrain(tiny_recipe(steps=steps, batch=16, log=log, checkpoint={"every_steps": steps}),
+                          tmp_path / "normal")
+    assert normal["collapse_alarms"] == []
+
+
+def test_dimensional_collapse_relative_to_the_runs_own_peak_rank_raises_the_alarm():
+    from jepa.config.schema import HealthConfig
+    from jepa.train.guards import CollapseAlarm
+
+    # Feature ranks logged every 20 steps by the FSDD recipe at lr 1e-3 held for 900 steps: rank 24
+    # fell to about 4 by step 220 while the feature std stayed healthy.
+    ranks = [23.9, 20.7, 19.5, 21.3, 23.2, 20.3, 20.8, 10.7, 7.8, 4.8, 4.1, 4.6, 8.1]
+    alarm = CollapseAlarm(HealthConfig())
+    fired = [20 * (i + 1) for i, r in enumerate(ranks) if alarm.update(20 * (i + 1), {"target_std": 0.2, "rank": r})]
+    assert fired == [240]  # the third interval below 0.25 x 23.9
+    # The peak survives a resume, so a run resumed after the drop still knows what healthy looked like.
+    resumed = CollapseAlarm(HealthConfig(), alarm.state_dict())
+    assert [resumed.update(s, {"target_std": 0.2, "rank": 4.0}) is not None for s in (300, 320, 340)] == [False, False, True]
+    # A run whose rank stays within its usual range never fires.
+    steady = CollapseAlarm(HealthConfig())
+    assert not any(steady.update(s, {"target_std": 0.1, "rank": r}) for s, r in enumerate([9.5, 10.2, 10.3, 9.7, 10.1,
+                                                                                            10.4, 10.7, 9.9]))

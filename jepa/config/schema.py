@@ -185,6 +185,9 @@ class HealthConfig(Section):
         0.01, ge=0, description="Alarm threshold: std across the batch of the mean-pooled target features.")
     min_rank: float = Field(
         1.5, ge=0, description="Alarm threshold: effective rank (RankMe) of the pooled target features of a batch.")
+    min_rank_fraction: float = Field(
+        0.25, ge=0, le=1, description="Alarm threshold: effective rank below this fraction of the run's highest "
+        "so far (dimensional collapse; 0 turns this test off).")
     collapse_patience: int = Field(3, ge=1, description="Consecutive log intervals below a threshold before the alarm.")
     collapse_after_steps: int = Field(0, ge=0, description="No alarm before this step (a warm-up may look collapsed).")
 

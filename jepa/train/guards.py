@@ -86,10 +86,14 @@ class CollapseAlarm:
     directions: the loss can still fall, since constant targets are easy to predict.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, state: dict | None = None):
         self.cfg = cfg
         self.below = 0
         self.fired_at: list[int] = []
+        self.peak_rank = float((state or {}).get("peak_rank", 0.0))  # highest rank seen, kept across resumes
+
+    def state_dict(self) -> dict:
+        return {"peak_rank": self.peak_rank}
 
     def update(self, step: int, stats: dict[str, float]) -> str | None:
         """A warning line when the alarm fires at ``step``, else None."""
@@ -97,10 +101,15 @@ class CollapseAlarm:
         if cfg.collapse == "off" or step < cfg.collapse_after_steps or "target_std" not in stats:
             return None
         low = []
+        rank = stats.get("rank", float("nan"))
         if stats["target_std"] < cfg.min_target_std:
             low.append(f"target feature std {stats['target_std']:.2g} < {cfg.min_target_std:g}")
-        if stats.get("rank", float("inf")) < cfg.min_rank:
-            low.append(f"effective rank {stats['rank']:.2f} < {cfg.min_rank:g}")
+        if rank < cfg.min_rank:
+            low.append(f"effective rank {rank:.2f} < {cfg.min_rank:g}")
+        elif rank < cfg.min_rank_fraction * self.peak_rank:  # dimensional collapse: a few directions left
+            low.append(f"effective rank {rank:.2f} < {cfg.min_rank_fraction:g} x this run's peak {self.peak_rank:.1f}")
+        if rank == rank:  # not NaN
+            self.peak_rank = max(self.peak_rank, rank)
         self.below = self.below + 1 if low else 0
         if self.below != cfg.collapse_patience:
             return None

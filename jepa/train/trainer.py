@@ -204,6 +204,7 @@ class Trainer:
         recipe_file = self.run_dir / "recipe.toml"
         self.skips, self.guard_state, self.resumed_from = SkipLog(), {}, None
         self._pending_skips: list = []
+        self.alarm_state: dict = {}
         started = bool(list_checkpoints(ckpt_root)) or (ckpt_root / "latest").exists()
         if resume and recipe_file.is_file() and not started:
             # Killed before its first checkpoint: there is nothing to resume, so start over, loudly.
@@ -222,6 +223,7 @@ class Trainer:
                 raise CheckpointError(f"checkpoint: {ckpt / 'state.pt'} does not match this run: {e}") from None
             self.skips = SkipLog(state=state.get("skips") or {"by_reason": state.get("skipped", {})})
             self.guard_state, self.resumed_from = state.get("nonfinite", {}), ckpt
+            self.alarm_state = state.get("collapse", {})
             self.console.print(f"resuming from {ckpt} at step {self.start_step}")
         elif started or recipe_file.exists():
             raise JepaError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
@@ -248,7 +250,8 @@ class Trainer:
         skips = self.skips.state_dict()
         state = {"optimizer": self.optimizer.state_dict(), "step": step,
                  "data_position": step * self.recipe.data.batch_size,
-                 "skipped": skips["by_reason"], "skips": skips, "nonfinite": guard.state_dict()}
+                 "skipped": skips["by_reason"], "skips": skips, "nonfinite": guard.state_dict(),
+                 "collapse": self.alarm.state_dict()}
         try:
             path = save_checkpoint(self.run_dir / "checkpoints", step, self.networks(), state, meta,
                                    self.resolved.to_toml(), self.recipe.checkpoint.keep_last)
@@ -275,7 +278,7 @@ class Trainer:
         """
         self.last_ckpt, self.t_start = self.resumed_from, time.perf_counter()
         self.losses: list[float] = []
-        self.alarm = CollapseAlarm(self.recipe.health)
+        self.alarm = CollapseAlarm(self.recipe.health, self.alarm_state)
         guard = NonFiniteGuard(self.optimizer, self.recipe.health.max_nonfinite_in_a_row, self.device,
                                self.guard_state)
         self.guard = guard
