@@ -95,12 +95,14 @@ class PretrainDataset(Dataset):
 
 
 def _pad(seqs: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, length]`` indices (each sequence cut or zero-padded to ``length``) and their validity.
+
+    Vectorised (one scatter), not a loop of row assignments: collation runs for every batch in the
+    DataLoader workers, and per-row tensor writes cost about 30 us each."""
+    lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.int64).clamp_(max=length)
+    valid = torch.arange(length) < lengths[:, None]
     out = torch.zeros(len(seqs), length, dtype=torch.int64)
-    valid = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for j, s in enumerate(seqs):
-        n = min(len(s), length)
-        out[j, :n] = s[:n]
-        valid[j, :n] = True
+    out[valid] = torch.cat([s[:length] for s in seqs]) if seqs else out[valid]
     return out, valid
 
 
