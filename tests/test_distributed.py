@@ -73,3 +73,12 @@ def test_only_rank_zero_writes_and_the_summary_names_the_world(runs):
     assert summary["steps"] == STEPS and summary["start_step"] == 4 and summary["world_size"] == 1
     steps = [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))  # one line per step: rank 1 logged nothing
+
+
+def test_a_global_batch_the_ranks_cannot_share_is_a_recipe_error_before_anything_is_written(tmp_path):
+    toml = tmp_path / "odd.toml"
+    toml.write_text(tomli_w.dumps(tiny_recipe(steps=2, batch=15)))
+    out = torchrun(tmp_path, ["pretrain", str(toml), "--run-dir", str(tmp_path / "run")])
+    assert out.returncode != 0
+    assert "data.batch_size: global batch 15 is not divisible by world size 2 x train.grad_accum 1" in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -131,13 +131,6 @@ def test_init_copies_all_three_networks_from_a_checkpoint(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_torchrun_is_refused_until_supported(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(JepaError, match="torchrun is not supported"):
-        run_pretrain(tiny_recipe(), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
 def test_loss_logged_after_an_odd_resume_averages_only_the_steps_run(tmp_path):
     every = run_pretrain(tiny_recipe(steps=4), tmp_path / "every")  # logs each step
     per_step = losses(tmp_path / "every")

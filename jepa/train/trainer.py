@@ -320,7 +320,10 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)
                 for micro in range(accum):
                     batch = next(batches)
-                    self._pending_skips += batch.skipped
+                    if self.dist.enabled:  # gathered from every rank at log and checkpoint steps
+                        self._pending_skips += batch.skipped
+                    else:
+                        self.skips.add(batch.skipped)
                     batch = batch.to(self.device)
                     # This rank's share of the global token mean (exactly 1 on one rank).
                     weight = self.dist.token_weight(_target_tokens(batch))
@@ -434,8 +437,8 @@ class Trainer:
             "final_loss": self.losses[-1] if self.losses else None,
             "seconds": time.perf_counter() - self.t_start,
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "precision": self.precision,
-            "attention": self.attention, "device": str(self.device), "world_size": self.dist.world_size, "rank": self.dist.rank,
-            "samples": len(self.index),
+            "attention": self.attention, "device": str(self.device), "world_size": self.dist.world_size,
+            "rank": self.dist.rank, "samples": len(self.index),
             **self.skips.summary(), "bad_shards": self.index.bad_shards,
             "nonfinite_steps": int(self.guard.total.item()), "collapse_alarms": self.alarm.fired_at,
             "stopped": stopped,
