@@ -59,9 +59,7 @@ class DistContext:
 
     def token_weight(self, n_local: torch.Tensor) -> torch.Tensor:
         """``world_size * n_local / sum(n)``: the factor that turns this rank's token mean into its share of
-        the global token mean (1 on one rank)."""
-        if not self.enabled:
-            return torch.ones((), device=n_local.device)
+        the global token mean. Only called with more than one rank."""
         total = n_local.detach().float().clone()
         dist.all_reduce(total)
         return n_local.float() * self.world_size / total.clamp_min(1.0)

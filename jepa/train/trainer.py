@@ -325,8 +325,8 @@ class Trainer:
                     else:
                         self.skips.add(batch.skipped)
                     batch = batch.to(self.device)
-                    # This rank's share of the global token mean (exactly 1 on one rank).
-                    weight = self.dist.token_weight(_target_tokens(batch))
+                    # This rank's share of the global token mean; one process needs no weight.
+                    weight = self.dist.token_weight(_target_tokens(batch)) if self.dist.enabled else 1.0
                     with self.dist.no_sync(self.forward, micro == accum - 1):
                         with autocast:
                             loss, stats = self.forward(batch.x, batch.context_idx, batch.target_idx,
