@@ -103,6 +103,16 @@ def test_pad_keeps_every_mask_and_truncate_cuts_to_the_batch_minimum():
     assert padded.target_idx.shape[:2] == (4, 16)
     cut = Collate("truncate")(items)
     assert cut.context_idx.shape[1] == min(lengths) and cut.context_valid is None and cut.target_valid is None
+    # every row holds its own sample's indices: in full where padded (zeros after), as a prefix where cut
+    for b, (_, mask, _, _) in enumerate(items):
+        n = len(mask.context)
+        assert torch.equal(padded.context_idx[b, :n], mask.context) and not padded.context_idx[b, n:].any()
+        assert torch.equal(cut.context_idx[b], mask.context[: cut.context_idx.shape[1]])
+        for m, t in enumerate(mask.targets):
+            k = padded.target_valid[m, b].sum() if padded.target_valid is not None else padded.target_idx.shape[2]
+            assert torch.equal(padded.target_idx[m, b, :k], t) and k == len(t)
+            assert torch.equal(cut.target_idx[m, b], t[: cut.target_idx.shape[2]])
+    assert padded.context_idx.dtype == padded.target_idx.dtype == torch.int64
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):
