@@ -49,6 +49,7 @@ def test_checkpoint_layout_and_reloading(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"loss", "lr", "wd", "momentum", "samples_per_s", "target_std", "pred_std", "rank"} <= set(records[0])
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in records)
 
 
 def test_run_directory_is_never_overwritten_and_bad_resume_is_an_error(tmp_path):

@@ -312,14 +312,16 @@ class Trainer:
             self.model.train()
             loss_sum = torch.zeros((), device=self.device)
             good_steps = torch.zeros((), device=self.device)
-            interval = {"steps": 0, "samples": 0, "t": time.perf_counter(), "first": True}
+            interval = {"steps": 0, "samples": 0, "data_s": 0.0, "t": time.perf_counter(), "first": True}
             for step in range(self.start_step, self.end_step):
                 hp = self.schedules(step)
                 set_hparams(self.optimizer, hp["lr"], hp["wd"])
                 log_step = (step + 1) % log_every == 0 or step + 1 == self.end_step
                 step_loss = torch.zeros((), device=self.device)
                 for micro in range(accum):
-                    batch = next(batches)
+                    t_wait = time.perf_counter()
+                    batch = next(batches)  # time blocked here = the loader not keeping up
+                    interval["data_s"] += time.perf_counter() - t_wait
                     if self.dist.enabled:  # gathered from every rank at log and checkpoint steps
                         self._pending_skips += batch.skipped
                     else:
@@ -391,7 +393,8 @@ class Trainer:
         if pooled is not None:
             feature["rank"] = pooled_rank(pooled)
         record = {"step": done, "epoch": done * r.data.batch_size / len(self.index), "loss": loss, **hp,
-                  "samples_per_s": interval["samples"] / max(elapsed, 1e-9), **feature,
+                  "samples_per_s": interval["samples"] / max(elapsed, 1e-9),
+                  "data_wait_fraction": interval["data_s"] / max(elapsed, 1e-9), **feature,
                   "nonfinite_steps": int(got["nonfinite"]), "skipped": self.skips.total(),
                   "skipped_reasons": dict(self.skips.by_reason)}
         new = self.skips.take_new()
@@ -408,7 +411,7 @@ class Trainer:
         progress.update(done, record)
         loss_sum.zero_()
         good_steps.zero_()
-        interval.update(steps=0, samples=0, t=time.perf_counter(), first=False)
+        interval.update(steps=0, samples=0, data_s=0.0, t=time.perf_counter(), first=False)
         self._check_nonfinite(self.guard, int(got["hit"]))
         if warning:
             self.console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
