@@ -82,3 +82,62 @@ def test_a_global_batch_the_ranks_cannot_share_is_a_recipe_error_before_anything
     assert out.returncode != 0
     assert "data.batch_size: global batch 15 is not divisible by world size 2 x train.grad_accum 1" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- FSDP2
+@pytest.fixture(scope="module")
+def fsdp_runs(runs):
+    """The same recipe sharded with FSDP2 on two ranks for 4 steps, then resumed on ONE unsharded process
+    from the sharded (torch.distributed.checkpoint) state: a restore on a different world size."""
+    tmp = runs["tmp"]
+    recipe = tiny_recipe(steps=STEPS, batch=16, checkpoint={"every_steps": 2, "keep_last": 5},
+                         dist={"strategy": "fsdp"})
+    toml = tmp / "tiny_fsdp.toml"
+    toml.write_text(tomli_w.dumps(recipe))
+    two = torchrun(tmp, ["pretrain", str(toml), "--run-dir", str(tmp / "fsdp"), "--stop-at", "4"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    two_summary = json.loads((tmp / "fsdp" / "summary.json").read_text())
+    resumed = subprocess.run([sys.executable, "-m", "jepa", "pretrain", str(toml), "--run-dir", str(tmp / "fsdp"),
+                              "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"tmp": tmp, "two_summary": two_summary}
+
+
+def test_fsdp_two_ranks_follow_the_one_rank_trajectory_and_resume_on_one_process(fsdp_runs):
+    one, fsdp = losses(fsdp_runs["tmp"] / "one"), losses(fsdp_runs["tmp"] / "fsdp")
+    assert fsdp_runs["two_summary"]["strategy"] == "fsdp" and fsdp_runs["two_summary"]["world_size"] == 2
+    assert len(fsdp) == STEPS
+    # steps 1-4 sharded over two ranks; 5-6 on one process from the resharded weights and AdamW moments
+    assert fsdp == pytest.approx(one, rel=1e-4)
+
+
+def test_fsdp_checkpoint_holds_every_shard_and_full_weights_matching_one_rank(fsdp_runs):
+    a = fsdp_runs["tmp"] / "one" / "checkpoints" / "step_000004"
+    b = fsdp_runs["tmp"] / "fsdp" / "checkpoints" / "step_000004"
+    assert (b / "dcp" / ".metadata").is_file() and len(list((b / "dcp").glob("*.distcp"))) == 2  # one per rank
+    assert "optimizer" not in torch.load(b / "state.pt", weights_only=True)  # it lives in the shards
+    for net in ("encoder", "predictor", "target_encoder"):
+        wa, wb = load_file(str(a / f"{net}.safetensors")), load_file(str(b / f"{net}.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{net}.{k}")
+
+
+def test_a_single_process_checkpoint_resumes_sharded_on_two_ranks(runs):
+    """The other direction: one process's checkpoint (optimizer state in state.pt, indexed by position)
+    resumes under FSDP on two ranks, its AdamW moments placed by parameter name, same trajectory."""
+    import shutil
+
+    tmp = runs["tmp"]
+    run = tmp / "one_to_fsdp"
+    shutil.copytree(tmp / "one", run)
+    shutil.rmtree(run / "checkpoints" / "step_000006")
+    (run / "checkpoints" / "latest").write_text("step_000004\n")
+    toml = tmp / "tiny_fsdp_resume.toml"
+    toml.write_text(tomli_w.dumps(tiny_recipe(steps=STEPS, batch=16, checkpoint={"every_steps": 2, "keep_last": 5},
+                                              dist={"strategy": "fsdp"})))
+    out = torchrun(tmp, ["pretrain", str(toml), "--run-dir", str(run), "--resume"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["strategy"] == "fsdp"
+    assert losses(run) == pytest.approx(losses(tmp / "one"), rel=1e-4)
+    assert (run / "checkpoints" / "step_000006" / "dcp" / ".metadata").is_file()

@@ -159,3 +159,39 @@ def test_architecture_and_batch_mistakes_are_recipe_errors(tmp_path):
         run_pretrain(tiny_recipe(model={"num_heads": 5}), tmp_path / "a")
     with pytest.raises(RecipeError, match="data.batch_size: global batch 8 is not divisible"):
         run_pretrain(tiny_recipe(train={"grad_accum": 3}), tmp_path / "b")
+
+
+def test_activation_checkpointing_recomputes_the_same_training(tmp_path):
+    """Recomputing block activations in backward is a memory trade, not a change of the model: the loss
+    trajectory and the weights are those of the plain run (to float rounding)."""
+    plain = run_pretrain(tiny_recipe(steps=3), tmp_path / "plain")
+    ckpt = run_pretrain(tiny_recipe(steps=3, train={"steps": 3, "activation_checkpointing": True}), tmp_path / "ac")
+    rows = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("plain", "ac")]
+    assert rows[1] == pytest.approx(rows[0], rel=1e-5) and len(rows[0]) == 3
+    for net in ("encoder", "predictor"):
+        a = load_file(str(tmp_path / "plain" / "checkpoints" / "step_000003" / f"{net}.safetensors"))
+        b = load_file(str(tmp_path / "ac" / "checkpoints" / "step_000003" / f"{net}.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{net}.{k}")
+    assert plain["final_loss"] == pytest.approx(ckpt["final_loss"], rel=1e-5)
+
+
+def test_activation_checkpointing_recomputes_in_backward():
+    """It is really on: the block forward runs again during backward (and not for the no-grad target)."""
+    from jepa.config import load_recipe
+    from jepa.model import build_jepa
+
+    res = load_recipe(tiny_recipe())
+    tok_cls, tok_cfg = res.component("tokenizer")
+    model = build_jepa(res.recipe.model, res.recipe.loss, tok_cls, tok_cfg, grid=(8, 8))
+    calls = {"n": 0}
+    # a pre-hook: the recomputation stops early, after the last tensor backward needs, so post-hooks may not run
+    model.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    x, ctx, tgt = torch.randn(2, 3, 32, 32), torch.arange(40).repeat(2, 1), torch.arange(40, 50).repeat(4, 2, 1)
+    for flag, expected in ((False, 1), (True, 2)):
+        model.encoder.grad_checkpointing = flag
+        calls["n"] = 0
+        loss, _ = model(x, ctx, tgt)
+        loss.backward()
+        assert calls["n"] == expected

@@ -127,6 +127,9 @@ class TrainConfig(Section):
         "has fast bf16 matrix units, else fp32.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     compile: bool = Field(False, description="Wrap the networks in torch.compile.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer block's activations in the backward pass instead of "
+        "storing them (context encoder and predictor): less memory, about one more forward of compute.")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -146,6 +149,10 @@ class DistConfig(Section):
     """Distribution is applied from outside (torchrun); these are estimates for `recipe check`."""
 
     world_size: int = Field(1, ge=1, description="Devices assumed by `jepa recipe check` (torchrun sets the real one).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: `ddp` replicates the networks on every rank; `fsdp` shards them "
+        "(FSDP2 `fully_shard` per block, then per network) and checkpoints every rank's shard with "
+        "torch.distributed.checkpoint. One process trains unsharded either way.")
 
 
 class MonitorConfig(Section):

@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -58,6 +59,14 @@ def rescale_blocks(blocks: nn.ModuleList) -> None:
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> nn.ModuleList:
     return nn.ModuleList(
         [Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=LayerNorm) for _ in range(depth)])
+
+
+def run_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, checkpointing: bool) -> torch.Tensor:
+    """``block(x)``; with ``checkpointing`` (and gradients on), its activations are recomputed in the
+    backward pass instead of stored (non-reentrant ``torch.utils.checkpoint``: same values, less memory)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+    return block(x, attn_mask=attn_mask)
 
 
 def set_attention(module: nn.Module, backend: str) -> None:
@@ -127,6 +136,7 @@ class Encoder(nn.Module):
             init = sincos_pos_embed(tokenizer.coords(self.pos_grid), self.embed_dim)
             self.pos_embed_learned = nn.Parameter(init.unsqueeze(0))
         self.blocks = make_blocks(self.embed_dim, depth, num_heads, mlp_ratio, qkv_bias)
+        self.grad_checkpointing = False  # timm's name: recompute block activations in backward
         self.norm = LayerNorm(self.embed_dim)
         init_weights(self)
         tokenizer.init_weights()
@@ -161,7 +171,7 @@ class Encoder(nn.Module):
         attn_mask = key_padding_mask(keep_valid)
         outs = []
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, attn_mask=attn_mask)
+            tokens = run_block(blk, tokens, attn_mask, self.grad_checkpointing)
             if return_layers and i >= len(self.blocks) - return_layers:
                 outs.append(self.norm(tokens))
         return outs if return_layers else self.norm(tokens)
@@ -189,6 +199,7 @@ class Predictor(nn.Module):
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
         self.predictor_blocks = make_blocks(predictor_dim, depth, num_heads, mlp_ratio, qkv_bias)
+        self.grad_checkpointing = False
         self.predictor_norm = LayerNorm(predictor_dim)
         self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
         self.pos = PosEmbedCache(predictor_dim)
@@ -223,7 +234,7 @@ class Predictor(nn.Module):
             valid = torch.cat([cv, tv], dim=1)
         attn_mask = key_padding_mask(valid)
         for blk in self.predictor_blocks:
-            x = blk(x, attn_mask=attn_mask)
+            x = run_block(blk, x, attn_mask, self.grad_checkpointing)
         x = self.predictor_norm(x[:, -kt:])
         return self.predictor_proj(x)
 

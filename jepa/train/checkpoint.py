@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
 
@@ -63,33 +64,36 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(final: Path, networks: dict[str, torch.nn.Module | dict], state: dict, meta: dict,
-                     recipe_toml: str) -> Path:
+                     recipe_toml: str, tmp: Path | None = None) -> Path:
     """Write a checkpoint directory atomically: a temporary sibling, every file fsynced, then renamed.
 
     ``networks`` maps names to modules or state dicts; they are written one at a time, so converting
     a large imported checkpoint never holds more than one network's serialised copy in memory.
+    ``tmp``: a temporary directory from :func:`temporary_checkpoint_dir` that already holds files
+    (the ``dcp/`` shards every rank wrote); it is completed and renamed like a fresh one.
     """
     for name, net in networks.items():
         tensors = net.state_dict().values() if isinstance(net, torch.nn.Module) else net.values()
         if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
             raise CheckpointError(f"refusing to write checkpoint {final.name}: {name} has non-finite weights")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    tmp = tmp or temporary_checkpoint_dir(final)
     try:
-        files = []
         for name, net in networks.items():
             sd = net.state_dict() if isinstance(net, torch.nn.Module) else net
             save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
-            files.append(tmp / f"{name}.safetensors")
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.toml").write_text(recipe_toml)
         (tmp / "meta.json").write_text(json.dumps({**meta, "networks": sorted(networks)}, indent=2))
-        files += [tmp / "state.pt", tmp / "recipe.toml", tmp / "meta.json"]
         umask = os.umask(0)
         os.umask(umask)
-        for f in files:  # temporary files are private; the finished checkpoint gets the usual permissions
+        for f in sorted(tmp.rglob("*")):  # temporary files are private; the checkpoint gets the usual permissions
+            if f.is_dir():
+                os.chmod(f, 0o777 & ~umask)
+                continue
             os.chmod(f, 0o666 & ~umask)
             _fsync_file(f)
+        for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), reverse=True):
+            _fsync_dir(d)
         os.chmod(tmp, 0o777 & ~umask)
         _fsync_dir(tmp)
         if final.exists():
@@ -105,6 +109,12 @@ def write_checkpoint(final: Path, networks: dict[str, torch.nn.Module | dict], s
     return final
 
 
+def temporary_checkpoint_dir(final: Path) -> Path:
+    """A new private temporary sibling of ``final`` (where a checkpoint is written before its rename)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+
+
 def _why(e: Exception) -> str:
     """The cause of a failed write in a few words (``File too large``, ``No space left on device``)."""
     if isinstance(e, OSError) and e.strerror:
@@ -113,10 +123,11 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
 
 
-def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module], state: dict, meta: dict,
-                    recipe_toml: str, keep_last: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module | dict], state: dict, meta: dict,
+                    recipe_toml: str, keep_last: int, tmp: Path | None = None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to ``keep_last``."""
-    final = write_checkpoint(ckpt_root / f"step_{step:06d}", networks, state, {**meta, "step": step}, recipe_toml)
+    final = write_checkpoint(ckpt_root / f"step_{step:06d}", networks, state, {**meta, "step": step}, recipe_toml,
+                             tmp)
     try:
         write_text_atomic(ckpt_root / "latest", final.name + "\n")
     except OSError as e:  # the new checkpoint is complete; `latest` still names the previous one
@@ -194,7 +205,12 @@ def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module], strict: bool
                 raise CheckpointError(f"checkpoint: {name} does not match this model: {key} has shape "
                                       f"{list(value.shape)} in the checkpoint, {list(own[key].shape)} here")
         try:
-            net.load_state_dict(state, strict=strict)
+            if any(isinstance(p, DTensor) for p in net.parameters()):  # FSDP2 shards: each rank takes its part
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+            else:
+                net.load_state_dict(state, strict=strict)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             detail = "; ".join(line.strip() for line in first[1:3]) or first[0]

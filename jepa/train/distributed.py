@@ -15,6 +15,13 @@ what one rank with the same global batch computes:
   a CPU (gloo) group, which costs no device synchronisation.
 * **One writer.** Rank 0 writes the run directory, metrics and checkpoints; the others train silently.
   Checkpoints hold plain (unwrapped) weights, so a run resumes on any number of ranks.
+
+``dist.strategy = "fsdp"`` shards instead of replicating (:func:`shard_fsdp`): FSDP2's ``fully_shard``
+on every transformer block, then on each of the three networks. Each rank then holds 1/world of the
+weights, gradients and AdamW moments; the loss weighting, agreement and logging above are unchanged.
+Checkpoints add the sharded weights and optimizer state written by every rank through
+``torch.distributed.checkpoint`` (``dcp/``), which loads on any world size, one process included;
+rank 0 still writes the full weights as safetensors for evaluation and export.
 """
 
 from __future__ import annotations
@@ -94,14 +101,48 @@ class DistContext:
         return int(t.item())
 
     def no_sync(self, module: nn.Module, last_micro: bool):
-        """DDP's gradient all-reduce only on the last micro-batch of an accumulated step."""
-        if self.enabled and not last_micro and hasattr(module, "no_sync"):
-            return module.no_sync()
+        """Gradient reduction only on the last micro-batch of an accumulated step: DDP's ``no_sync``, or
+        FSDP2's ``set_requires_gradient_sync`` on every sharded module."""
+        if not self.enabled:
+            return nullcontext()
+        if hasattr(module, "no_sync"):
+            return module.no_sync() if not last_micro else nullcontext()
+        for m in module.modules():
+            if hasattr(m, "set_requires_gradient_sync"):
+                m.set_requires_gradient_sync(last_micro, recurse=False)
         return nullcontext()
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard_fsdp(model: nn.Module, ctx: DistContext, device: torch.device, precision: str) -> None:
+    """Shard the JEPA's three networks in place with FSDP2: every transformer block, then each network.
+
+    Parameters become ``DTensor`` shards over a 1-D mesh of all ranks. In bf16, blocks compute with
+    bf16 copies of their weights and gradients are reduced in fp32 (the master weights stay fp32). The
+    target encoder is resharded after its forward too (it has no backward to wait for), so its shards
+    line up with the context encoder's for the elementwise EMA update."""
+    from timm.models.vision_transformer import Block
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (ctx.world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
+          else MixedPrecisionPolicy())
+    for name in ("encoder", "predictor", "target_encoder"):
+        net = getattr(model, name)
+        for block in [m for m in net.modules() if isinstance(m, Block)]:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+
+def full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``DTensor`` (an FSDP2 gradient norm, say) as a plain tensor; anything else unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def world_from_env() -> int:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from rich.console import Console
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class NonFiniteGuard:
@@ -74,9 +75,15 @@ def guarded_ema_update(target: nn.Module, online: nn.Module, momentum: float, ok
     ``lerp`` with weight 0 returns the target unchanged), as one fused foreach op."""
     if momentum < 1.0:
         weight = ok.float() * (1.0 - momentum)
-        torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in online.parameters()], weight)
+        torch._foreach_lerp_(local_tensors(target.parameters()), local_tensors(online.parameters()), weight)
     for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
         tb.copy_(ob)
+
+
+def local_tensors(params) -> list[torch.Tensor]:
+    """This rank's (detached) part of each parameter: the local shard of an FSDP2 ``DTensor``, else the
+    tensor itself. The EMA is elementwise and both encoders are sharded alike, so shards suffice."""
+    return [p.to_local().detach() if isinstance(p, DTensor) else p.detach() for p in params]
 
 
 class CollapseAlarm:

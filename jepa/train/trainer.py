@@ -30,9 +30,10 @@ from .checkpoint import (
     present_networks,
     resolve_checkpoint,
     save_checkpoint,
+    temporary_checkpoint_dir,
     write_text_atomic,
 )
-from .distributed import init_distributed, wrap_ddp
+from .distributed import full_tensor, init_distributed, shard_fsdp, wrap_ddp
 from .guards import CollapseAlarm, NonFiniteGuard, StopOnSignal, guarded_ema_update, pooled_rank, trainable
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_hparams
@@ -94,7 +95,8 @@ def core_defaults() -> dict:
                     for name, cls in _submodel_names().items() if name not in COMPONENT_SECTIONS})
 
 
-def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.", "log.", "model.init")) -> list[str]:
+def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.", "log.", "model.init", "dist.",
+                                                                   "train.activation_checkpointing")) -> list[str]:
     """Fields whose values differ. A field the checkpoint's recipe lacks (added by a newer version)
     and that is at its default now is not a change, so upgrading does not block a resume."""
     fo, fn, defaults = flatten(old), flatten(new), core_defaults()
@@ -157,17 +159,24 @@ class Trainer:
         torch.manual_seed(r.run.seed)
         self.model: JEPA = build_jepa(r.model, r.loss, tok_cls, tok_cfg, grid=self.grid).to(self.device)
         set_attention(self.model, self.attention)
+        if r.train.activation_checkpointing:
+            self.model.encoder.grad_checkpointing = self.model.predictor.grad_checkpointing = True
         if r.train.compile:
             for net in (self.model.encoder, self.model.predictor, self.model.target_encoder):
                 net.compile(dynamic=True)  # in place: parameter names (and checkpoints) stay the same
+        self.fsdp = r.dist.strategy == "fsdp" and self.dist.enabled  # one process trains unsharded
+        if self.fsdp:
+            shard_fsdp(self.model, self.dist, self.device, self.precision)
         self.optimizer = build_optimizer(r.optim, self.model.encoder, self.model.predictor, device=self.device)
-        self.forward = wrap_ddp(self.model, self.dist, self.device)  # the model itself on one rank
+        # DDP around the model, or the model itself: on one rank, and with FSDP (the shards reduce themselves)
+        self.forward = self.model if self.fsdp else wrap_ddp(self.model, self.dist, self.device)
         self.start_step = 0
         self._prepare_run_dir(resume, allow_changes)
         if r.model.init and self.start_step == 0:
             self._init_from(resolve_checkpoint(r.model.init))
         self.monitor = None
-        if r.monitor.every_steps and self.dist.is_main:
+        # Sharded networks forward on every rank together, so with FSDP every rank runs the monitor.
+        if r.monitor.every_steps and (self.dist.is_main or self.fsdp):
             from ..eval.monitor import KnnMonitor
 
             self.monitor = KnnMonitor(r.monitor, self.source, self.device, self.precision == "bf16")
@@ -214,10 +223,14 @@ class Trainer:
         elif resume:
             ckpt = resolve_checkpoint(self.run_dir)
             self._refuse_changes(_read_toml(ckpt / "recipe.toml"), allow_changes)
-            load_networks(ckpt, self.networks())
             state = load_state(ckpt)
+            if (ckpt / "dcp").is_dir():
+                self._load_sharded(ckpt)
+            else:
+                load_networks(ckpt, self.networks())
             try:
-                self.optimizer.load_state_dict(state["optimizer"])
+                if "optimizer" in state:
+                    self._load_optimizer(state["optimizer"])
                 self.start_step = int(state["step"])
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CheckpointError(f"checkpoint: {ckpt / 'state.pt'} does not match this run: {e}") from None
@@ -243,15 +256,13 @@ class Trainer:
     def save(self, step: int, guard: NonFiniteGuard) -> Path:
         meta = {"recipe_hash": self.resolved.digest(), "versions": self.versions, "total_steps": self.total_steps,
                 "precision": self.precision, "grid": list(self.grid)}
+        if self.fsdp:
+            return self._save_sharded(step, guard, meta)
         if not self.dist.is_main:  # rank 0 writes; the weights are the same on every rank
             self.dist.barrier()
             self.last_ckpt = self.run_dir / "checkpoints" / f"step_{step:06d}"
             return self.last_ckpt
-        skips = self.skips.state_dict()
-        state = {"optimizer": self.optimizer.state_dict(), "step": step,
-                 "data_position": step * self.recipe.data.batch_size,
-                 "skipped": skips["by_reason"], "skips": skips, "nonfinite": guard.state_dict(),
-                 "collapse": self.alarm.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), **self._run_state(step, guard)}
         try:
             path = save_checkpoint(self.run_dir / "checkpoints", step, self.networks(), state, meta,
                                    self.resolved.to_toml(), self.recipe.checkpoint.keep_last)
@@ -260,6 +271,76 @@ class Trainer:
         self.last_ckpt = path
         self.dist.barrier()
         return path
+
+    def _run_state(self, step: int, guard: NonFiniteGuard) -> dict:
+        skips = self.skips.state_dict()
+        return {"step": step, "data_position": step * self.recipe.data.batch_size, "skipped": skips["by_reason"],
+                "skips": skips, "nonfinite": guard.state_dict(), "collapse": self.alarm.state_dict()}
+
+    def _save_sharded(self, step: int, guard: NonFiniteGuard, meta: dict) -> Path:
+        """FSDP checkpoint: every rank writes its shards of the weights and AdamW state through
+        ``torch.distributed.checkpoint`` into ``dcp/``; rank 0 adds the full weights (safetensors, for
+        evaluation and export), ``state.pt`` without the optimizer, and renames the directory into place."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+        )
+
+        root = self.run_dir / "checkpoints"
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only
+        weights = {name: get_model_state_dict(net, options=full) for name, net in self.networks().items()}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        tmp = [str(temporary_checkpoint_dir(root / f"step_{step:06d}")) if self.dist.is_main else None]
+        dist.broadcast_object_list(tmp, src=0, group=self.dist.ctrl)
+        tmp_dir = Path(tmp[0])
+        try:
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp_dir / "dcp"))
+        except Exception as e:  # noqa: BLE001 - every rank sees the failure; the previous checkpoint stays
+            raise CheckpointError(f"could not write the sharded checkpoint of step {step} ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); the last "
+                                  f"complete checkpoint is {self.last_ckpt or 'none'}") from None
+        self.last_ckpt = root / f"step_{step:06d}"
+        if self.dist.is_main:
+            state = {**self._run_state(step, guard), "sharded": "dcp"}
+            try:
+                self.last_ckpt = save_checkpoint(root, step, weights, state, {**meta, "strategy": "fsdp"},
+                                                 self.resolved.to_toml(), self.recipe.checkpoint.keep_last, tmp=tmp_dir)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}") from None
+        self.dist.barrier()
+        return self.last_ckpt
+
+    def _load_sharded(self, ckpt: Path) -> None:
+        """Weights and AdamW state from a checkpoint's ``dcp/`` shards, resharded for this job (any world
+        size, FSDP or not, one process included)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        sd = {"model": model_sd, "optimizer": optim_sd}
+        try:
+            dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        except Exception as e:  # noqa: BLE001 - never a silent restart from step 0
+            raise CheckpointError(f"checkpoint: cannot load the sharded state in {ckpt / 'dcp'}: "
+                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                                  ) from None
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """A full (unsharded) ``optimizer.state_dict()``; into FSDP shards through parameter names."""
+        if not self.fsdp:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
+                   "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
     # ----------------------------------------------------------------------- the loop
     def loader(self):
@@ -339,7 +420,9 @@ class Trainer:
                     interval["samples"] += len(batch) * self.dist.world_size
                 self.dist.mean(step_loss)  # the global loss: every rank takes the same skip decision
                 norm = torch.nn.utils.clip_grad_norm_(params, r.optim.clip_grad) if r.optim.clip_grad else None
-                ok = guard.check(params, step_loss, norm, step)
+                if self.fsdp and norm is None:  # each rank holds a shard: the verdict needs the global norm
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                ok = guard.check(params, step_loss, full_tensor(norm), step)
                 guard.step(ok)
                 self.optimizer.zero_grad(set_to_none=True)
                 guarded_ema_update(self.model.target_encoder, self.model.encoder, hp["momentum"], ok)
@@ -441,6 +524,7 @@ class Trainer:
             "seconds": time.perf_counter() - self.t_start,
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "precision": self.precision,
             "attention": self.attention, "device": str(self.device), "world_size": self.dist.world_size,
+            "strategy": "fsdp" if self.fsdp else ("ddp" if self.dist.enabled else "single"),
             "rank": self.dist.rank, "samples": len(self.index),
             **self.skips.summary(), "bad_shards": self.index.bad_shards,
             "nonfinite_steps": int(self.guard.total.item()), "collapse_alarms": self.alarm.fired_at,
