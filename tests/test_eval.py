@@ -142,3 +142,32 @@ def test_online_monitor_logs_knn_and_does_not_change_training(small_data, tmp_pa
     knn = [r for r in records if "knn_top1" in r]
     assert [r["step"] for r in knn] == [2, 4] and all(0 < r["knn_top1"] <= 1 for r in knn)
     assert plain["final_loss"] == watched["final_loss"]
+
+
+def test_token_poolings_are_what_they_say():
+    import torch
+
+    from jepa.eval.features import pool_tokens
+
+    # 2 samples on a 4x2 grid (row-major), 3 dims; token value = its row (time) index, plus the sample
+    rows = torch.arange(4).repeat_interleave(2).float()  # [0, 0, 1, 1, 2, 2, 3, 3]
+    t = torch.stack([rows, rows + 10]).unsqueeze(-1).expand(2, 8, 3)
+    assert torch.equal(pool_tokens(t, (4, 2)), torch.tensor([[1.5] * 3, [11.5] * 3]))
+    ms = pool_tokens(t, (4, 2), "mean_std")
+    assert ms.shape == (2, 6) and torch.allclose(ms[:, 3:], torch.full((2, 3), 1.25 ** 0.5))
+    seg = pool_tokens(t, (4, 2), "segments:2")  # rows 0-1, then rows 2-3, in order
+    assert torch.equal(seg, torch.tensor([[0.5] * 3 + [2.5] * 3, [10.5] * 3 + [12.5] * 3]))
+    assert torch.equal(pool_tokens(t, (4, 2), "segments:1"), pool_tokens(t, (4, 2)))
+    with pytest.raises(JepaError, match="segments:3 needs the first grid axis"):
+        pool_tokens(t, (4, 2), "segments:3")
+    with pytest.raises(JepaError, match="unknown pooling 'max'"):
+        pool_tokens(t, (4, 2), "max")
+
+
+def test_probe_pooling_option_end_to_end(run, small_data, jepa_cli):
+    seg = probe(run, small_data, pool="segments:2", kind="knn")
+    assert seg["feature_dim"] == 128 and seg["pool"] == "segments:2"  # 2 row-halves of the 8x8 grid x 64
+    assert probe(run, small_data, pool="mean_std", kind="knn")["feature_dim"] == 128
+    code, _, err = jepa_cli("eval", "knn", "--checkpoint", str(run), "--train", small_data[0], "--test",
+                            small_data[1], "--pool", "segments:3")
+    assert code != 0 and "segments:3 needs the first grid axis (8 of grid 8x8)" in err and "Traceback" not in err

@@ -20,6 +20,8 @@ Test = Annotated[str | None, typer.Option("--test", help="Labelled test DATA.")]
 Which = Annotated[Literal["target", "context"] | None, typer.Option("--which", help="Encoder (default: target).")]
 Out = Annotated[str | None, typer.Option("--out", help="Folder for results JSON, confusion PNG, feature cache.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+POOL_HELP = "Token pooling: mean (default), mean_std, or segments:N (N spans of the first grid axis)."
+Pool = Annotated[str | None, typer.Option("--pool", help=POOL_HELP)]
 
 
 def settings(recipe: str | None, **given):
@@ -74,6 +76,7 @@ def probe(
     kind: Annotated[Literal["linear", "attentive"] | None, typer.Option("--kind", help="Probe (default linear).")] = None,
     which: Which = None,
     layers: Annotated[int | None, typer.Option("--layers", help="Concatenate the last N blocks' pooled outputs.")] = None,
+    pool: Pool = None,
     fraction: Annotated[float | None, typer.Option("--fraction", help="Class-balanced fraction of train labels.")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     input_size: Annotated[str | None, typer.Option("--input-size", help="Evaluate at another size: 64 or 48x64.")] = None,
@@ -87,21 +90,22 @@ def probe(
     except ValueError:
         raise RecipeError(f"--input-size: expected a size like 64 or 48x64, got '{input_size}'") from None
     s = settings(recipe, checkpoint=checkpoint, train=train, test=test, kind=kind, which=which, layers=layers,
-                 fraction=fraction, seed=seed, out=out, input_size=size)
+                 pool=pool, fraction=fraction, seed=seed, out=out, input_size=size)
     show(run_probe(s), as_json)
 
 
 @app.command("knn")
 def knn(
     recipe: Annotated[str | None, typer.Argument(help="Optional probe recipe: a TOML path or installed name.")] = None,
-    checkpoint: Ckpt = None, train: Train = None, test: Test = None, which: Which = None,
+    checkpoint: Ckpt = None, train: Train = None, test: Test = None, which: Which = None, pool: Pool = None,
     k: Annotated[int | None, typer.Option("--k", help="Neighbours (default 20).")] = None,
     out: Out = None, as_json: Json = False,
 ) -> None:
     """Weighted k-NN (cosine, k = 20, temperature 0.07) on frozen pooled features."""
     from ..eval.run import run_probe
 
-    s = settings(recipe, checkpoint=checkpoint, train=train, test=test, which=which, k=k, out=out, kind="knn")
+    s = settings(recipe, checkpoint=checkpoint, train=train, test=test, which=which, pool=pool, k=k, out=out,
+                 kind="knn")
     show(run_probe(s), as_json)
 
 
@@ -112,10 +116,11 @@ def embed_cmd(
     per_patch: Annotated[bool, typer.Option("--per-patch", help="Also write per-patch embeddings [n, N, D].")] = False,
     which: Annotated[Literal["target", "context"], typer.Option("--which")] = "target",
     layers: Annotated[int, typer.Option("--layers", help="Concatenate the last N blocks' pooled outputs.")] = 1,
+    pool: Annotated[str, typer.Option("--pool", help=POOL_HELP)] = "mean",
     as_json: Json = False,
 ) -> None:
     """Write embeddings (pooled, optionally per patch) with labels and keys."""
     from ..eval.run import embed
 
-    summary = embed(checkpoint, data, out, which, per_patch, layers)
+    summary = embed(checkpoint, data, out, which, per_patch, layers, pool=pool)
     print(json.dumps(summary, indent=2) if as_json else summary["out"])

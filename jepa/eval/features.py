@@ -1,9 +1,9 @@
 """Frozen features of a labelled dataset, computed once and cached.
 
 Samples are decoded with the source's *evaluation* view (deterministic: no random crop), encoded by
-the frozen target (or context) encoder, and average-pooled over patch tokens (the paper's probe
-features); optionally the last ``layers`` blocks' pooled outputs are concatenated, and the
-last layer's patch tokens are kept for the attentive probe.
+the frozen target (or context) encoder, and pooled over patch tokens (see :func:`pool_tokens`: the
+paper's average by default); optionally the last ``layers`` blocks' pooled outputs are concatenated,
+and the last layer's patch tokens are kept for the attentive probe.
 """
 
 from __future__ import annotations
@@ -22,6 +22,41 @@ from torch.utils.data import DataLoader, Dataset
 from ..components import Source
 from ..data.shards import Index, Reader, build_index, parse_label
 from ..errors import JepaError, SampleError
+
+#: token poolings :func:`pool_tokens` knows; ``segments:N`` takes any N >= 1
+POOLS = ("mean", "mean_std", "segments:N")
+
+
+def check_pool(pool: str) -> int | None:
+    """Validate a pooling name (a one-line error naming the choices); the N of ``segments:N``, else None."""
+    if pool in ("mean", "mean_std"):
+        return None
+    name, _, n = pool.partition(":")
+    if name == "segments" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise JepaError(f"pool: unknown pooling '{pool}'; choose mean, mean_std or segments:N (e.g. segments:2)")
+
+
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, ...], pool: str = "mean") -> torch.Tensor:
+    """One vector per sample from ``[B, N, D]`` tokens laid out row-major on ``grid``.
+
+    * ``mean``: the average token (the I-JEPA paper's probe features), ``[B, D]``;
+    * ``mean_std``: the average and the per-dimension standard deviation over tokens, ``[B, 2D]``
+      (a clip-level summary, the usual one for audio);
+    * ``segments:N``: the average over each of N equal spans of the grid's FIRST axis (time for
+      spectrograms, rows for images), concatenated in order, ``[B, N * D]``: keeps coarse order.
+    """
+    n = check_pool(pool)
+    if pool == "mean":
+        return tokens.mean(dim=1)
+    if pool == "mean_std":
+        return torch.cat([tokens.mean(dim=1), tokens.std(dim=1, correction=0)], dim=1)
+    first = grid[0]
+    if first % n:
+        raise JepaError(f"pool: segments:{n} needs the first grid axis ({first} of grid "
+                        f"{'x'.join(map(str, grid))}) to be divisible by {n}")
+    b, _, d = tokens.shape
+    return tokens.reshape(b, n, -1, d).mean(dim=2).reshape(b, n * d)
 
 
 @dataclass
@@ -73,12 +108,13 @@ def fast_bf16(device: torch.device) -> bool:
 @torch.no_grad()
 def encode_dataset(encoder: torch.nn.Module, source: Source, spec: str | Index, layers: int = 1,
                    keep_tokens: bool = False, batch_size: int = 256, num_workers: int = 2,
-                   device: torch.device | str = "cpu", max_samples: int | None = None) -> Features:
-    """Encode every sample of ``spec`` (a DATA spec or an index) with a frozen encoder."""
+                   device: torch.device | str = "cpu", max_samples: int | None = None, pool: str = "mean") -> Features:
+    """Encode every sample of ``spec`` (a DATA spec or an index) with a frozen encoder, pooled by ``pool``."""
     from ..model import set_attention
     from ..train.trainer import pick_attention
 
     device = torch.device(device)
+    check_pool(pool)
     index = build_index(spec) if isinstance(spec, str) else spec
     if max_samples is not None:
         index = index.spread(max_samples)
@@ -95,7 +131,8 @@ def encode_dataset(encoder: torch.nn.Module, source: Source, spec: str | Index, 
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outs = encoder(x.to(device), return_layers=layers)
-        pooled.append(torch.cat([o.float().mean(dim=1) for o in outs], dim=1).cpu())
+        grid = tuple(encoder.grid(x))
+        pooled.append(torch.cat([pool_tokens(o.float(), grid, pool) for o in outs], dim=1).cpu())
         if keep_tokens:
             tokens.append(outs[-1].to(torch.float16).cpu())
         labels.append(y)
@@ -107,9 +144,9 @@ def encode_dataset(encoder: torch.nn.Module, source: Source, spec: str | Index, 
     return Features(torch.cat(pooled), torch.cat(labels), keys, torch.cat(tokens) if keep_tokens else None, skipped)
 
 
-def _cache_key(ckpt: Path, spec: str, which: str, layers: int, tokens: bool, input_size) -> str:
+def _cache_key(ckpt: Path, spec: str, which: str, layers: int, tokens: bool, input_size, pool: str) -> str:
     parts = [str(ckpt.resolve()), json.dumps(json.loads((ckpt / "meta.json").read_text()), sort_keys=True),
-             spec, which, str(layers), str(tokens), str(input_size)]
+             spec, which, str(layers), str(tokens), str(input_size)] + ([pool] if pool != "mean" else [])
     for path in spec.split("::"):
         p = Path(path)
         if p.exists():
@@ -119,17 +156,17 @@ def _cache_key(ckpt: Path, spec: str, which: str, layers: int, tokens: bool, inp
 
 def cached_features(model, spec: str, which: str = "target", layers: int = 1, tokens: bool = False,
                     batch_size: int = 256, num_workers: int = 2, cache_dir: Path | None = None,
-                    input_size=None) -> Features:
+                    input_size=None, pool: str = "mean") -> Features:
     """Features of ``spec`` for a loaded checkpoint (:class:`jepa.api.Pretrained`), cached on disk."""
     source = model.source.resized(input_size) if input_size else model.source
     net = model.network(which)
-    key = _cache_key(model.path, spec, which, layers, tokens, input_size)
+    key = _cache_key(model.path, spec, which, layers, tokens, input_size, pool)
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file() and path.with_suffix(".json").is_file():
         data = load_file(str(path))
         meta = json.loads((path.with_suffix(".json")).read_text())
         return Features(data["pooled"], data["labels"], meta["keys"], data.get("tokens"), Counter(meta["skipped"]))
-    feats = encode_dataset(net, source, spec, layers, tokens, batch_size, num_workers, model.device)
+    feats = encode_dataset(net, source, spec, layers, tokens, batch_size, num_workers, model.device, pool=pool)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"pooled": feats.pooled.contiguous(), "labels": feats.labels}

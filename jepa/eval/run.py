@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import JepaError
-from .features import Features, cached_features, fast_bf16
+from .features import Features, cached_features, check_pool, fast_bf16
 
 
 class ProbeSettings(BaseModel):
@@ -24,6 +24,8 @@ class ProbeSettings(BaseModel):
     kind: Literal["linear", "attentive", "knn"] = "linear"
     which: Literal["target", "context"] = Field("target", description="Encoder to evaluate (the paper: target).")
     layers: int = Field(1, ge=1, description="Concatenate the pooled outputs of the last N blocks (the paper: 1 or 4).")
+    pool: str = Field("mean", description="Token pooling: `mean` (the paper), `mean_std` (mean and std over tokens), "
+                      "or `segments:N` (the mean of each of N spans of the grid's first axis, e.g. time).")
     fraction: float = Field(1.0, gt=0, le=1, description="Class-balanced fraction of the training labels (0.01: 1%).")
     seed: int = 0
     out: str | None = Field(None, description="Folder for results JSON, confusion matrix PNG and the feature cache.")
@@ -38,6 +40,15 @@ class ProbeSettings(BaseModel):
     epochs: int = Field(20, gt=0, description="Attentive probe epochs.")
     k: int = Field(20, gt=0, description="k-NN neighbours.")
     temperature: float = Field(0.07, gt=0, description="k-NN vote temperature.")
+
+    @field_validator("pool")
+    @classmethod
+    def _known_pool(cls, v: str) -> str:
+        try:
+            check_pool(v)
+        except JepaError as e:
+            raise ValueError(str(e).removeprefix("pool: ")) from None
+        return v
 
 
 def _check_labels(feats: Features, name: str) -> None:
@@ -59,7 +70,7 @@ def run_probe(s: ProbeSettings) -> dict:
     tokens = s.kind == "attentive"
     size = (s.input_size[0] if len(s.input_size) == 1 else s.input_size) if s.input_size else None
     kw = dict(which=s.which, layers=s.layers, tokens=tokens, batch_size=s.batch_size, num_workers=s.num_workers,
-              cache_dir=cache, input_size=size)
+              cache_dir=cache, input_size=size, pool=s.pool)
     train, test = cached_features(model, s.train, **kw), cached_features(model, s.test, **kw)
     _check_labels(train, "train")
     _check_labels(test, "test")
@@ -79,7 +90,8 @@ def run_probe(s: ProbeSettings) -> dict:
     result = {
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),
-        "effective_rank": effective_rank(tx), "which": s.which, "layers": s.layers, "fraction": s.fraction,
+        "effective_rank": effective_rank(tx), "which": s.which, "layers": s.layers, "pool": s.pool,
+        "fraction": s.fraction,
         "seed": s.seed, "checkpoint": str(model.path), "train": s.train, "test": s.test, "grid": res.grid,
         "skipped": {"train": dict(train.skipped), "test": dict(test.skipped)},
         "seconds": round(time.perf_counter() - start, 2),
@@ -133,13 +145,13 @@ def plot_confusion(confusion: torch.Tensor, names: list[str] | None, path: Path,
 
 
 def embed(checkpoint: str, data: str, out: str, which: str = "target", per_patch: bool = False, layers: int = 1,
-          batch_size: int = 256, num_workers: int = 2) -> dict:
+          batch_size: int = 256, num_workers: int = 2, pool: str = "mean") -> dict:
     """Write pooled (and optionally per-patch) embeddings with labels and keys to ``.npz`` or ``.safetensors``."""
     from ..api import load
 
     model = load(checkpoint)
     feats = cached_features(model, data, which=which, layers=layers, tokens=per_patch, batch_size=batch_size,
-                            num_workers=num_workers)
+                            num_workers=num_workers, pool=pool)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"embeddings": feats.pooled, "labels": feats.labels}
