@@ -60,7 +60,9 @@ class DataConfig(Section):
     """Where samples come from and how they are batched."""
 
     train: str | None = Field(None, description="Training DATA: shard path, brace pattern, several joined with `::`, "
-                              "a folder of `.tar` shards, or an image folder. Relative to the recipe's folder.")
+                              "a folder of `.tar` shards, or an image folder (relative to the recipe's folder); "
+                              "or streamed shards: `pipe:COMMAND` or URLs (http, s3 via pipe:, gs), brace patterns "
+                              "allowed (needs num_samples).")
     batch_size: int = Field(64, gt=0, description="GLOBAL batch size: per device = batch_size / (world size x grad_accum).")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes (decoding, cropping and masking run there).")
     num_samples: int | None = Field(None, gt=0, description="Dataset size, for converting `epochs` to steps without reading the data.")
@@ -68,6 +70,8 @@ class DataConfig(Section):
         "pad", description="`pad`: every sample keeps its own context and targets (padding + attention mask). "
         "`truncate`: the reference code's behaviour, cut every context/target to the shortest in the per-device batch.")
     shuffle: bool = Field(True, description="Shuffle samples every epoch (a seeded permutation).")
+    shuffle_buffer: int = Field(1000, ge=0, description="Streamed DATA (`pipe:` or URLs) only: samples held per "
+                                "worker and emitted in seeded random order (0: shard order).")
 
 
 class OptimConfig(Section):

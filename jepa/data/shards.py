@@ -77,8 +77,8 @@ def expand_spec(spec: str) -> list[str]:
             raise JepaError(f"data: environment variable {var} is not set (in '{part}')")
         for item in braceexpand.braceexpand(part):
             if item.startswith("pipe:") or "://" in item:
-                raise JepaError(f"data: remote shards ('{item}') need the streaming loader, which this build "
-                                "does not have yet; copy the shards locally")
+                raise JepaError(f"data: streamed shards ('{item}') are read by `jepa pretrain` only; this command "
+                                "needs local shards (random access): copy them locally")
             p = Path(item)
             if p.is_dir():
                 tars = sorted(str(t) for t in p.iterdir() if t.name.endswith(".tar"))

@@ -16,11 +16,12 @@ import torch
 from rich.console import Console
 
 from ..config.load import Resolved
-from ..data import PretrainDataset, StepBatchSampler, build_index, build_loader
+from ..data import Index, PretrainDataset, StepBatchSampler, build_index, build_loader
 from ..data.pipeline import per_device_batch
 from ..data.shards import check_decodable
 from ..data.skips import SkipLog
-from ..errors import CheckpointError, JepaError, TrainingStopped
+from ..data.stream import StreamingPretrainDataset, build_stream_loader, expand_urls, is_streaming
+from ..errors import CheckpointError, JepaError, RecipeError, TrainingStopped
 from ..model import JEPA, build_jepa, set_attention, training_grid
 from .checkpoint import (
     NETWORKS,
@@ -105,6 +106,19 @@ def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.
             and not (k not in fo and k in defaults and fn.get(k) == defaults[k])]
 
 
+def next_batch(batches):
+    """``next(batches)``; a JepaError raised in a DataLoader worker (a stream with no readable shard)
+    comes back as the one-line error it was, not wrapped in the worker's traceback."""
+    try:
+        return next(batches)
+    except JepaError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Builds everything a run needs from a resolved recipe, then :meth:`fit` trains.
@@ -142,11 +156,18 @@ class Trainer:
         self.masker = masker_cls(masker_cfg)
         self.grid = training_grid(resolved)
         self.masker.check(self.grid)
-        self.index = build_index(r.data.train)
-        check_decodable(self.index, tuple(getattr(self.source, "extensions", ())), r.data.train)
+        self.streaming = is_streaming(r.data.train or "")
+        if self.streaming:  # pipe: commands and URLs are read in order (jepa.data.stream), not indexed
+            if not r.data.num_samples:
+                raise RecipeError("data.num_samples: streamed DATA (pipe: or URLs) cannot be counted without "
+                                  "reading it; give the dataset size as data.num_samples")
+            self.urls, self.index = expand_urls(r.data.train), Index([])
+        else:
+            self.index = build_index(r.data.train)
+            check_decodable(self.index, tuple(getattr(self.source, "extensions", ())), r.data.train)
         for bad in self.index.bad_shards:
             self.console.print(f"[yellow]warning:[/] shard {bad}", highlight=False)
-        num_samples = r.data.num_samples or len(self.index)
+        num_samples = self.num_samples = r.data.num_samples or len(self.index)
         self.steps_per_epoch = max(1, num_samples // r.data.batch_size)
         self.total_steps = training_length(r, num_samples)
         if self.total_steps is None:
@@ -237,6 +258,11 @@ class Trainer:
             self.skips = SkipLog(state=state.get("skips") or {"by_reason": state.get("skipped", {})})
             self.guard_state, self.resumed_from = state.get("nonfinite", {}), ckpt
             self.alarm_state = state.get("collapse", {})
+            split = {"world_size": self.dist.world_size, "num_workers": self.recipe.data.num_workers}
+            if self.streaming and state.get("stream", split) != split:
+                self.console.print(f"[yellow]warning:[/] the checkpoint streamed its shards as {state['stream']} "
+                                   f"and this run uses {split}: the shard split changes, so samples of the current "
+                                   "epoch may be seen again or skipped", highlight=False)
             self.console.print(f"resuming from {ckpt} at step {self.start_step}")
         elif started or recipe_file.exists():
             raise JepaError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
@@ -274,8 +300,11 @@ class Trainer:
 
     def _run_state(self, step: int, guard: NonFiniteGuard) -> dict:
         skips = self.skips.state_dict()
-        return {"step": step, "data_position": step * self.recipe.data.batch_size, "skipped": skips["by_reason"],
-                "skips": skips, "nonfinite": guard.state_dict(), "collapse": self.alarm.state_dict()}
+        state = {"step": step, "data_position": step * self.recipe.data.batch_size, "skipped": skips["by_reason"],
+                 "skips": skips, "nonfinite": guard.state_dict(), "collapse": self.alarm.state_dict()}
+        if self.streaming:  # the split of streamed shards depends on these (jepa.data.stream)
+            state["stream"] = {"world_size": self.dist.world_size, "num_workers": self.recipe.data.num_workers}
+        return state
 
     def _save_sharded(self, step: int, guard: NonFiniteGuard, meta: dict) -> Path:
         """FSDP checkpoint: every rank writes its shards of the weights and AdamW state through
@@ -345,6 +374,13 @@ class Trainer:
     # ----------------------------------------------------------------------- the loop
     def loader(self):
         r = self.recipe
+        if self.streaming:
+            micro = per_device_batch(r.data.batch_size, self.dist.world_size, r.train.grad_accum)
+            stream = StreamingPretrainDataset(self.urls, self.source, self.grid, self.masker, r.run.seed,
+                                              self.dist.rank, self.dist.world_size, r.data.num_workers, micro,
+                                              self.start_step * r.train.grad_accum, r.data.shuffle_buffer)
+            return build_stream_loader(stream, r.data.num_workers, r.data.mask_collate,
+                                       pin_memory=self.device.type == "cuda")
         dataset = PretrainDataset(self.index, self.source, self.grid, self.masker, r.run.seed, r.data.shuffle)
         sampler = StepBatchSampler(r.data.batch_size, self.dist.rank, self.dist.world_size, r.train.grad_accum,
                                    self.start_step, self.end_step)
@@ -401,7 +437,7 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)
                 for micro in range(accum):
                     t_wait = time.perf_counter()
-                    batch = next(batches)  # time blocked here = the loader not keeping up
+                    batch = next_batch(batches)  # time blocked here = the loader not keeping up
                     interval["data_s"] += time.perf_counter() - t_wait
                     if self.dist.enabled:  # gathered from every rank at log and checkpoint steps
                         self._pending_skips += batch.skipped
@@ -475,7 +511,7 @@ class Trainer:
         feature = {k: got[k] for k in stats}
         if pooled is not None:
             feature["rank"] = pooled_rank(pooled)
-        record = {"step": done, "epoch": done * r.data.batch_size / len(self.index), "loss": loss, **hp,
+        record = {"step": done, "epoch": done * r.data.batch_size / self.num_samples, "loss": loss, **hp,
                   "samples_per_s": interval["samples"] / max(elapsed, 1e-9),
                   "data_wait_fraction": interval["data_s"] / max(elapsed, 1e-9), **feature,
                   "nonfinite_steps": int(got["nonfinite"]), "skipped": self.skips.total(),
@@ -525,7 +561,7 @@ class Trainer:
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "precision": self.precision,
             "attention": self.attention, "device": str(self.device), "world_size": self.dist.world_size,
             "strategy": "fsdp" if self.fsdp else ("ddp" if self.dist.enabled else "single"),
-            "rank": self.dist.rank, "samples": len(self.index),
+            "rank": self.dist.rank, "samples": self.num_samples,
             **self.skips.summary(), "bad_shards": self.index.bad_shards,
             "nonfinite_steps": int(self.guard.total.item()), "collapse_alarms": self.alarm.fired_at,
             "stopped": stopped,
