@@ -40,6 +40,7 @@ import resource
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -182,7 +183,10 @@ def total_steps_of(r, timed: int) -> tuple[int, int | None]:
     return training_length(r, r.data.num_samples) or max(timed, 100), spe
 
 
-def run(args: argparse.Namespace) -> dict:
+def build(args: argparse.Namespace) -> SimpleNamespace:
+    """Everything one timed step needs: the model, optimizer, masker and ``train_step(step)``, which
+    runs one full optimizer step (see the module docstring) and returns ``(batches, t_after_masks)``.
+    ``benchmarks/reference.py`` times this same step beside the reference implementation's."""
     overrides = list(args.set or [])
     if args.precision:
         overrides.append(f"train.precision={args.precision}")
@@ -218,6 +222,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(r.run.seed)
     model = build_jepa(r.model, r.loss, tok_cls, tok_cfg).to(device)
     set_attention(model, attention)
+    if r.train.activation_checkpointing:  # as the trainer does
+        model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = True
+    if r.train.compile:  # as the trainer does: each network in place, dynamic shapes (masks vary)
+        for net in (model.encoder, model.predictor, model.target_encoder):
+            net.compile(dynamic=True)
     optimizer = build_optimizer(r.optim, model.encoder, model.predictor, device=device)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -230,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
         f"batch {per_device}/device x accum {accum}, {precision}, attention {attention}, device {device}, "
         f"{torch.get_num_threads()} threads, mask_collate {r.data.mask_collate}")
 
-    def micro_batches(step: int):
+    def micro_batches(step: int, pool: torch.Tensor = pool):
         """The step's micro-batches: masks drawn per sample from seeded RNGs, then collated."""
         out = []
         for a in range(accum):
@@ -241,11 +250,6 @@ def run(args: argparse.Namespace) -> dict:
                 items.append((pool[a * per_device + j], mask, -1, pos))
             out.append(collate(items))
         return out
-
-    # Peak matmul rate measured before and after the steps; the best of the two is the peak (another
-    # process on the same cores during one of them only lowers that one).
-    peak_before = matmul_peak_gflops(precision, device)
-    load_before = os.getloadavg()[0]
 
     loss_sum = torch.zeros((), device=device)
     params = trainable([model.encoder, model.predictor])
@@ -283,6 +287,23 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 guarded_ema_update(model.target_encoder, model.encoder, hp["momentum"], ok)
         return batches, t_mask
+
+    return SimpleNamespace(resolved=resolved, recipe=r, device=device, precision=precision, attention=attention,
+                           accum=accum, per_device=per_device, sample_shape=sample_shape, grid=grid,
+                           tokens=tokens, model=model, loss_sum=loss_sum, micro_batches=micro_batches, pool=pool,
+                           train_step=train_step)
+
+
+def run(args: argparse.Namespace) -> dict:
+    b = build(args)
+    resolved, device, precision, attention = b.resolved, b.device, b.precision, b.attention
+    accum, per_device, sample_shape, tokens = b.accum, b.per_device, b.sample_shape, b.tokens
+    model, loss_sum, train_step = b.model, b.loss_sum, b.train_step
+
+    # Peak matmul rate measured before and after the steps; the best of the two is the peak (another
+    # process on the same cores during one of them only lowers that one).
+    peak_before = matmul_peak_gflops(precision, device)
+    load_before = os.getloadavg()[0]
 
     times, cpu_times, mask_times, shapes = [], [], [], []
     n_steps = args.warmup + args.steps
