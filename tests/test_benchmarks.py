@@ -1,0 +1,39 @@
+"""The benchmark scripts still run (one tiny step each): they are measurements, so only their plumbing
+is tested here, never their timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from .conftest import tiny_recipe
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_step_benchmark_reports_a_consistent_json_line(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tomli_w.dumps(tiny_recipe(train={"steps": 4, "activation_checkpointing": True})))
+    out = _run(str(BENCH / "train_step.py"), str(recipe), "--steps", "2", "--warmup", "1", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["batch_size"] == 8 and r["steps"] == 2 and r["gflops_per_step"] > 0
+    assert r["achieved_gflops"] / r["peak_gflops"] == pytest.approx(r["mfu"], rel=1e-2)
+
+
+def test_masks_benchmark_and_a_missing_reference_checkout(tmp_path):
+    out = _run(str(BENCH / "masks.py"), "--grid", "8x8", "--n", "50", "--repeats", "1", "--batch", "16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["results"][0]["grid"] == [8, 8] and r["results"][0]["masks_per_s"] > 0
+    bad = _run(str(BENCH / "reference.py"), "--ijepa", str(tmp_path))
+    assert bad.returncode != 0 and "not a checkout of facebookresearch/ijepa" in bad.stderr
