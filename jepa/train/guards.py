@@ -20,7 +20,8 @@ from collections.abc import Iterable
 import torch
 from rich.console import Console
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from ..model.ema import local_tensors
 
 
 class NonFiniteGuard:
@@ -78,12 +79,6 @@ def guarded_ema_update(target: nn.Module, online: nn.Module, momentum: float, ok
         torch._foreach_lerp_(local_tensors(target.parameters()), local_tensors(online.parameters()), weight)
     for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
         tb.copy_(ob)
-
-
-def local_tensors(params) -> list[torch.Tensor]:
-    """This rank's (detached) part of each parameter: the local shard of an FSDP2 ``DTensor``, else the
-    tensor itself. The EMA is elementwise and both encoders are sharded alike, so shards suffice."""
-    return [p.to_local().detach() if isinstance(p, DTensor) else p.detach() for p in params]
 
 
 class CollapseAlarm:
