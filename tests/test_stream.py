@@ -86,10 +86,12 @@ def test_pretraining_on_a_pipe_stream_resumes_on_the_same_trajectory(shards, tmp
     assert full["samples"] == 96
 
 
-def test_a_stream_without_a_size_is_a_one_line_recipe_error(shards, tmp_path):
+def test_a_stream_without_a_size_or_with_too_few_shards_is_an_error_before_anything_is_written(shards, tmp_path):
     spec, _ = shards
     with pytest.raises(JepaError, match="data.num_samples: streamed DATA"):
         run_pretrain(tiny_recipe(spec, data={"train": spec}), tmp_path / "run")
+    with pytest.raises(JepaError, match="4 streamed shard.s. cannot feed 1 rank.s. x 8 worker.s."):
+        run_pretrain(tiny_recipe(spec, data={"train": spec, "num_samples": 96, "num_workers": 8}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

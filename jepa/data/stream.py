@@ -85,6 +85,14 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             pass
 
 
+def check_split(num_shards: int, world_size: int, num_workers: int) -> None:
+    """Every stream (rank x worker) needs at least one shard per epoch: else a one-line error."""
+    workers = max(1, num_workers)
+    if num_shards < world_size * workers:
+        raise JepaError(f"data.train: {num_shards} streamed shard(s) cannot feed {world_size} rank(s) x "
+                        f"{workers} worker(s) without duplication; use more shards or fewer data.num_workers")
+
+
 class StreamingPretrainDataset(IterableDataset):
     """Decoded, masked samples from streamed shards, split across ranks and workers (module docstring)."""
 
@@ -94,11 +102,7 @@ class StreamingPretrainDataset(IterableDataset):
         self.urls, self.source, self.grid, self.masker, self.seed = urls, source, tuple(grid), masker, seed
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.micro, self.start_micro, self.buffer = micro_batch, start_micro, shuffle_buffer
-        streams = world_size * self.workers
-        if len(urls) < streams:
-            raise JepaError(f"data.train: {len(urls)} streamed shard(s) cannot feed {world_size} rank(s) x "
-                            f"{self.workers} worker(s) without duplication; use more shards or fewer "
-                            "data.num_workers")
+        check_split(len(urls), world_size, num_workers)
 
     def stream_index(self, worker: int) -> int:
         return self.rank * self.workers + worker

@@ -20,7 +20,13 @@ from ..data import Index, PretrainDataset, StepBatchSampler, build_index, build_
 from ..data.pipeline import per_device_batch
 from ..data.shards import check_decodable
 from ..data.skips import SkipLog
-from ..data.stream import StreamingPretrainDataset, build_stream_loader, expand_urls, is_streaming
+from ..data.stream import (
+    StreamingPretrainDataset,
+    build_stream_loader,
+    check_split,
+    expand_urls,
+    is_streaming,
+)
 from ..errors import CheckpointError, JepaError, RecipeError, TrainingStopped
 from ..model import JEPA, build_jepa, set_attention, training_grid
 from .checkpoint import (
@@ -162,6 +168,7 @@ class Trainer:
                 raise RecipeError("data.num_samples: streamed DATA (pipe: or URLs) cannot be counted without "
                                   "reading it; give the dataset size as data.num_samples")
             self.urls, self.index = expand_urls(r.data.train), Index([])
+            check_split(len(self.urls), self.dist.world_size, r.data.num_workers)  # before anything is written
         else:
             self.index = build_index(r.data.train)
             check_decodable(self.index, tuple(getattr(self.source, "extensions", ())), r.data.train)
