@@ -37,3 +37,14 @@ def test_masks_benchmark_and_a_missing_reference_checkout(tmp_path):
     assert r["results"][0]["grid"] == [8, 8] and r["results"][0]["masks_per_s"] > 0
     bad = _run(str(BENCH / "reference.py"), "--ijepa", str(tmp_path))
     assert bad.returncode != 0 and "not a checkout of facebookresearch/ijepa" in bad.stderr
+
+
+def test_gpu_script_plumbing_in_smoke_mode_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh is for a GPU; SMOKE=1 runs an item on the CPU: one JSON per item and a summary."""
+    import os
+
+    env = {**os.environ, "SMOKE": "1", "ONLY": "vitb16_fp32", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["vitb16_fp32"] and rows[0]["ms_per_step"] > 0 and "peak_cuda_mb" in rows[0]
