@@ -39,6 +39,8 @@ def test_streaming_specs_are_recognised_and_expanded(shards):
     spec, _ = shards
     assert is_streaming(spec) and is_streaming("https://host/a-{0..1}.tar") and not is_streaming("/data/a.tar")
     assert len(expand_urls(spec)) == 4 and expand_urls(spec)[1].endswith("part-1.tar")
+    with pytest.raises(JepaError, match="use 'pipe:aws s3 cp s3://b/x-0.tar -'"):
+        expand_urls("s3://b/x-{0..1}.tar")
     keys = [k for k, _ in iter_shard(expand_urls(spec)[0])]
     assert len(keys) == 24 and set(next(iter_shard(expand_urls(spec)[0]))[1]) == {"jpg", "cls"}
 

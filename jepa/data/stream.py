@@ -37,7 +37,8 @@ from .pipeline import Collate, _worker_init, derive_seed
 from .shards import Record, parse_label, split_key
 from .skips import Skipped
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://", "sftp://")
+#: what WebDataset's ``gopen`` reads (plus s3://, recognised only to say how to read it)
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "hf://", "ais://", "sftp://", "s3://")
 
 
 def is_streaming(spec: str) -> bool:
@@ -50,6 +51,10 @@ def expand_urls(spec: str) -> list[str]:
     urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part.strip())]
     if not urls:
         raise JepaError(f"data: '{spec}' names no shards")
+    for url in urls:
+        if url.startswith("s3://"):
+            raise JepaError(f"data.train: s3:// shards are streamed through a command: use "
+                            f"'pipe:aws s3 cp {url} -' (brace patterns work there too)")
     return urls
 
 
