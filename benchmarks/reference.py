@@ -203,8 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     ref_flops = count_flops(lambda: reference(0))
     # ours: the same counter as train_step.py (meta device, matmul attention, so attention counts too)
     our_flops = ours_bench.FlopCounter(ours.resolved, ours.sample_shape, ours.per_device)(ours.micro_batches(0)[0])
-    ref_params = sum(p.numel() for p in [*reference.encoder.parameters(), *reference.predictor.parameters()])
-    our_params = sum(p.numel() for p in [*ours.model.encoder.parameters(), *ours.model.predictor.parameters()])
+    # trainable only: the reference stores its fixed sin-cos tables as frozen parameters, ours as buffers
+    ref_params = sum(p.numel() for p in [*reference.encoder.parameters(), *reference.predictor.parameters()]
+                     if p.requires_grad)
+    our_params = sum(p.numel() for p in [*ours.model.encoder.parameters(), *ours.model.predictor.parameters()]
+                     if p.requires_grad)
 
     peak_before = ours_bench.matmul_peak_gflops(args.precision, ours.device)
     c0, w0 = time.process_time(), time.perf_counter()
