@@ -188,13 +188,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     ref = import_reference(args.ijepa)
 
-    blocks = args.warmup + args.steps + 1
+    schedule_steps = args.warmup + args.steps + 1  # the schedules' length (values do not change the cost)
     ours = ours_bench.build(argparse.Namespace(recipe=RECIPE, set=args.set, precision=args.precision, attention=None,
-                                               threads=None, no_guard=False, warmup=0, steps=blocks))
+                                               threads=None, no_guard=False, warmup=0, steps=schedule_steps))
     r = ours.recipe
     if ours.accum != 1 or r.dist.world_size != 1 or r.data.mask_collate != "truncate":
         raise SystemExit("the reference comparison needs grad_accum 1, world_size 1 and truncate collation")
-    reference = ReferenceStep(ref, ours.resolved, args.precision, blocks + 2)
+    reference = ReferenceStep(ref, ours.resolved, args.precision, schedule_steps + 2)
     log(f"reference setting: {r.model.size}, grid {'x'.join(map(str, ours.grid))}, batch "
         f"{r.data.batch_size}, predictor {r.model.predictor_depth}x{r.model.predictor_embed_dim}, {args.precision}, "
         f"ours attention {ours.attention}, {torch.get_num_threads()} threads")

@@ -34,7 +34,7 @@ def check_pool(pool: str) -> int | None:
     name, _, n = pool.partition(":")
     if name == "segments" and n.isdigit() and int(n) >= 1:
         return int(n)
-    raise JepaError(f"pool: unknown pooling '{pool}'; choose mean, mean_std or segments:N (e.g. segments:2)")
+    raise JepaError(f"pool: unknown pooling '{pool}'; choose {', '.join(POOLS)} (e.g. segments:2)")
 
 
 def pool_tokens(tokens: torch.Tensor, grid: tuple[int, ...], pool: str = "mean") -> torch.Tensor:

@@ -44,6 +44,7 @@ class DistContext:
     local_rank: int = 0
     owns_group: bool = False  # this process created the default group (and destroys it at the end)
     ctrl: object = None       # a gloo group for host-side flags (None: the default group is gloo)
+    grad_sync: bool = True    # FSDP2's current gradient-sync setting (changed only when it must change)
 
     @property
     def enabled(self) -> bool:
@@ -107,9 +108,11 @@ class DistContext:
             return nullcontext()
         if hasattr(module, "no_sync"):
             return module.no_sync() if not last_micro else nullcontext()
-        for m in module.modules():
-            if hasattr(m, "set_requires_gradient_sync"):
-                m.set_requires_gradient_sync(last_micro, recurse=False)
+        if last_micro != self.grad_sync:  # without accumulation: never, so no per-step module walk
+            for m in module.modules():
+                if hasattr(m, "set_requires_gradient_sync"):
+                    m.set_requires_gradient_sync(last_micro, recurse=False)
+            self.grad_sync = last_micro
         return nullcontext()
 
     def close(self) -> None:
