@@ -43,6 +43,9 @@ def test_tiny_recipe_resolves_with_every_default_filled():
 
 def test_typo_in_core_field_names_field_and_suggests():
     assert problems(tiny_recipe(optim={"lrr": 1e-3})) == ["optim.lrr: unknown field; did you mean 'lr'?"]
+    # A real field in the wrong section points to the section that has it.
+    assert problems(tiny_recipe(schedule={"momentum": 0.99})) == [
+        "schedule.momentum: unknown field; did you mean 'ema.momentum'?"]
 
 
 def test_typo_in_section_name():

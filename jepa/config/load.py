@@ -144,6 +144,12 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _section_holding(model: type[BaseModel], field: str) -> str | None:
+    """The one top-level section of ``model`` that has ``field`` (``schedule.momentum`` -> ``ema``), if any."""
+    holders = [name for name in model.model_fields if field in _fields_at(model, (name,))]
+    return holders[0] if len(holders) == 1 else None
+
+
 def render_errors(err: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[str]:
     """One ``section.field: message`` line per pydantic error, with a did-you-mean where possible."""
     lines: list[str] = []
@@ -154,7 +160,9 @@ def render_errors(err: ValidationError, model: type[BaseModel], prefix: tuple[st
         if kind == "extra_forbidden":
             fields = [f for f in _fields_at(model, loc[:-1]) if f != "name" or prefix]
             close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+            elsewhere = _section_holding(model, str(loc[-1])) if len(loc) == 2 and not close else None
             msg = f"unknown field; did you mean '{close[0]}'?" if close else \
+                f"unknown field; did you mean '{elsewhere}.{loc[-1]}'?" if elsewhere else \
                 f"unknown field; valid fields: {', '.join(fields) or 'none'}"
         elif kind == "missing":
             msg = "required field is missing"
