@@ -10,6 +10,7 @@ import torch
 
 from jepa.config import load_recipe
 from jepa.config.schema import LossConfig, ModelConfig
+from jepa.errors import JepaError
 from jepa.model import build_jepa, ema_update, regression_loss, sincos_pos_embed
 from jepa.model.vit import gather_tokens
 
@@ -77,6 +78,53 @@ def test_padding_does_not_change_real_tokens(attention):
     tv = torch.tensor([[[True, True, False]] * 2])
     p_pad = m.predictor(padded, padded_keep, tgt_pad, pos, valid, tv)
     torch.testing.assert_close(p_pad[:, :2], p_alone, atol=1e-5, rtol=1e-5)
+
+
+def _predictor_inputs(m, b=2, m_sets=3, kt=4):
+    x = torch.randn(b, 3, 32, 32)
+    keep = torch.stack([torch.randperm(64)[:10] for _ in range(b)])
+    tgt = torch.stack([torch.stack([torch.randperm(64)[:kt] for _ in range(b)]) for _ in range(m_sets)])
+    pos = m.predictor.pos(m.encoder.patch_embed.coords, m.encoder.grid(x), x.device)
+    return m.encoder(x, keep=keep), keep, tgt, pos
+
+
+def test_joint_predictor_is_the_per_block_predictor_for_one_block_and_keeps_the_block_order():
+    m = _model()
+    ctx, keep, tgt, pos = _predictor_inputs(m)
+    separate_one = m.predictor(ctx, keep, tgt[:1], pos)
+    separate = m.predictor(ctx, keep, tgt, pos)
+    m.predictor.joint = True
+    torch.testing.assert_close(m.predictor(ctx, keep, tgt[:1], pos), separate_one, atol=1e-5, rtol=1e-5)
+    joint = m.predictor(ctx, keep, tgt, pos)
+    assert joint.shape == separate.shape == (3 * 2, 4, 64)
+    assert not torch.allclose(joint, separate, atol=1e-4)  # blocks see each other's mask tokens
+    # Rows stay target-set major (m * B + b): reversing the target sets reverses the row blocks.
+    flipped = m.predictor(ctx, keep, tgt.flip(0), pos)
+    torch.testing.assert_close(flipped.view(3, 2, 4, -1).flip(0).reshape(6, 4, -1), joint, atol=1e-5, rtol=1e-5)
+    # Padded target tokens are invisible to the real ones.
+    tv = torch.ones(3, 2, 4, dtype=torch.bool)
+    tv[1, :, 2:] = False
+    moved = tgt.clone()
+    moved[1, :, 2:] = 0
+    a, b = m.predictor(ctx, keep, tgt, pos, None, tv), m.predictor(ctx, keep, moved, pos, None, tv)
+    torch.testing.assert_close(a.view(3, 2, 4, -1)[:, :, :2], b.view(3, 2, 4, -1)[:, :, :2], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_normalised_targets_remove_what_position_alone_predicts():
+    r = load_recipe(tiny_recipe(loss={"target_batch_norm": True}))
+    tok_cls, tok_cfg = r.component("tokenizer")
+    torch.manual_seed(0)
+    m = build_jepa(r.recipe.model, r.recipe.loss, tok_cls, tok_cfg).eval()
+    x = torch.randn(6, 3, 32, 32)
+    tgt = torch.arange(64).view(1, 1, 64).expand(1, 6, 64)
+    target, _ = m.targets(x, tgt)  # every position of every sample
+    torch.testing.assert_close(target.mean(0), torch.zeros(64, 64), atol=1e-5, rtol=0)
+    var = target.var(0, unbiased=False)  # var / (var + eps): 1 up to the eps of near-constant channels
+    assert var.max() <= 1 + 1e-5 and var.mean() > 0.99
+    # So a predictor that outputs the per-position mean (a content-blind guess) scores exactly 1.
+    assert regression_loss(torch.zeros_like(target), target).item() == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(JepaError, match="batch of at least 2"):
+        m.targets(x[:1], tgt[:, :1])
 
 
 def test_keep_every_token_equals_full_forward_and_non_square_inputs_work():

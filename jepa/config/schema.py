@@ -42,6 +42,11 @@ class ModelConfig(Section):
     predictor_num_heads: int | None = Field(None, gt=0, description="Predictor heads (default: the encoder's).")
     predictor_mlp_ratio: float = Field(4.0, gt=0, description="Predictor MLP hidden width / predictor width (the "
                                        "reference uses 4 for every size, ViT-g included).")
+    predictor_joint: bool = Field(
+        False, description="Predict every target block of a sample in one predictor sequence (context tokens + all "
+        "blocks' mask tokens) instead of one sequence per block as the reference does: the context passes the "
+        "predictor once, not once per block. Mask tokens of different blocks then attend to each other; they carry "
+        "only positions and context-derived values, never target content.")
     pos_embed: Literal["sincos", "learned"] = Field(
         "sincos", description="Fixed sin-cos position embeddings from token coordinates (I-JEPA), or learned ones "
         "(stored for `pos_grid`, interpolated for other grids; used for imported weights that are not sin-cos).")
@@ -119,6 +124,11 @@ class LossConfig(Section):
     p: float = Field(2.0, gt=0, description="Exponent for `kind = \"lp\"`.")
     beta: float = Field(1.0, gt=0, description="Transition point of smooth-L1.")
     target_norm: bool = Field(True, description="Layer-normalise target features (no affine) before the loss, as the reference does.")
+    target_batch_norm: bool = Field(
+        False, description="Then standardise each target channel at each token position over the (per-device) batch: "
+        "what position alone predicts is removed, so the loss is the fraction of target variance the predictor "
+        "misses (1.0 for a content-blind predictor). Not in the paper; for small grids (CIFAR 8x8), where targets "
+        "otherwise become mostly a function of position. Needs a per-device batch of 2 or more.")
 
 
 class TrainConfig(Section):

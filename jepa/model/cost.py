@@ -101,7 +101,8 @@ def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
         return scale * (34 * batch * length * dim + maps * heads * batch * length * length)
 
     enc_act = arch["depth"] * block_act(per_device, nc, arch["embed_dim"], arch["num_heads"])
-    pred_act = arch["predictor_depth"] * block_act(m * per_device, nc + kt, arch["predictor_embed_dim"],
+    rows, length = (per_device, nc + m * kt) if r.model.predictor_joint else (m * per_device, nc + kt)
+    pred_act = arch["predictor_depth"] * block_act(rows, length, arch["predictor_embed_dim"],
                                                     arch["predictor_num_heads"])
     target_act = block_act(per_device, tokens, arch["embed_dim"], arch["num_heads"])  # transient, one block
     n_enc, n_pred = _count(model.encoder), _count(model.predictor)

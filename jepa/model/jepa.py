@@ -11,7 +11,7 @@ from ..config.schema import LossConfig, ModelConfig
 from ..errors import JepaError, RecipeError
 from .loss import regression_loss
 from .sizes import SIZES
-from .vit import Encoder, Predictor, layer_norm_targets
+from .vit import Encoder, Predictor, batch_standardize, layer_norm_targets
 
 
 def resolve_arch(cfg: ModelConfig) -> dict:
@@ -56,8 +56,11 @@ class JEPA(nn.Module):
     def targets(self, x: torch.Tensor, target_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target features at the target positions ``[M * B, Kt, D]`` and the full features ``[B, N, D]``."""
         with torch.no_grad():
+            cfg = self.loss_cfg
             h = self.target_encoder(x)
-            h_norm = layer_norm_targets(h) if self.loss_cfg.target_norm else h
+            h_norm = layer_norm_targets(h) if cfg.target_norm else h
+            if cfg.target_batch_norm:
+                h_norm = batch_standardize(h_norm)
             m, b, kt = target_idx.shape
             rows = torch.arange(b, device=x.device)[None, :, None]
             return h_norm[rows, target_idx].reshape(m * b, kt, -1), h
@@ -113,7 +116,8 @@ def build_jepa(model_cfg: ModelConfig, loss_cfg: LossConfig, tokenizer_cls: type
         encoder = Encoder(tokenizer, arch["depth"], arch["num_heads"], arch["mlp_ratio"], model_cfg.qkv_bias,
                           pos_grid=pos_grid)
         predictor = Predictor(arch["embed_dim"], arch["predictor_embed_dim"], arch["predictor_depth"],
-                              arch["predictor_num_heads"], arch["predictor_mlp_ratio"], model_cfg.qkv_bias)
+                              arch["predictor_num_heads"], arch["predictor_mlp_ratio"], model_cfg.qkv_bias,
+                              joint=model_cfg.predictor_joint)
         return JEPA(encoder, predictor, loss_cfg)
 
 

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..components import Tokenizer
+from ..errors import JepaError
 from .pos_embed import sincos_pos_embed
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -182,7 +183,8 @@ class Predictor(nn.Module):
 
     For each target set ``m`` and sample ``b`` it reads the context tokens of ``b`` plus one shared
     learned mask token per target position (with that position's embedding), exactly as the
-    reference: one sequence per (target set, sample), target-set major.
+    reference: one sequence per (target set, sample), target-set major. With ``joint`` it reads
+    one sequence per sample: the context once, then the mask tokens of every target set.
 
     Args:
         embed_dim: encoder width (input and output).
@@ -191,11 +193,13 @@ class Predictor(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / predictor width.
         qkv_bias: bias on q, k, v.
+        joint: one sequence per sample for all target sets (see above).
     """
 
     def __init__(self, embed_dim: int, predictor_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, joint: bool = False):
         super().__init__()
+        self.joint = joint
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
         self.predictor_blocks = make_blocks(predictor_dim, depth, num_heads, mlp_ratio, qkv_bias)
@@ -223,21 +227,41 @@ class Predictor(nn.Module):
         """
         m, b, kt = target_idx.shape
         x = self.predictor_embed(context) + pos[context_idx].to(context.dtype)
-        x = x.repeat(m, 1, 1)
-        tgt = target_idx.reshape(m * b, kt)
+        if self.joint:  # [B, M * Kt]: sample-major, target set m at columns m * Kt ...
+            tgt, tv = target_idx.transpose(0, 1).reshape(b, m * kt), target_valid
+            tv = tv.transpose(0, 1).reshape(b, m * kt) if tv is not None else None
+            cv = context_valid
+        else:  # [M * B, Kt]: one sequence per (target set, sample)
+            x = x.repeat(m, 1, 1)
+            tgt = target_idx.reshape(m * b, kt)
+            tv = target_valid.reshape(m * b, kt) if target_valid is not None else None
+            cv = context_valid.repeat(m, 1) if context_valid is not None else None
         queries = self.mask_token.to(x.dtype) + pos[tgt].to(x.dtype)
+        n_ctx = x.shape[1]
         x = torch.cat([x, queries], dim=1)
         valid = None
-        if context_valid is not None or target_valid is not None:
-            cv = context_valid.repeat(m, 1) if context_valid is not None else x.new_ones(m * b, context.shape[1], dtype=torch.bool)
-            tv = target_valid.reshape(m * b, kt) if target_valid is not None else x.new_ones(m * b, kt, dtype=torch.bool)
+        if cv is not None or tv is not None:
+            rows = x.shape[0]
+            cv = cv if cv is not None else x.new_ones(rows, n_ctx, dtype=torch.bool)
+            tv = tv if tv is not None else x.new_ones(rows, tgt.shape[1], dtype=torch.bool)
             valid = torch.cat([cv, tv], dim=1)
         attn_mask = key_padding_mask(valid)
         for blk in self.predictor_blocks:
             x = run_block(blk, x, attn_mask, self.grad_checkpointing)
-        x = self.predictor_norm(x[:, -kt:])
-        return self.predictor_proj(x)
+        x = self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
+        if self.joint:
+            x = x.reshape(b, m, kt, -1).transpose(0, 1).reshape(m * b, kt, -1)
+        return x
 
 
 def layer_norm_targets(h: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(h, (h.shape[-1],))
+
+
+def batch_standardize(h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Standardise ``[B, N, D]`` features over the batch, separately at each position and channel."""
+    if h.shape[0] < 2:
+        raise JepaError("loss.target_batch_norm needs a per-device batch of at least 2 samples")
+    h = h.float()
+    var, mean = torch.var_mean(h, dim=0, unbiased=False, keepdim=True)
+    return (h - mean) * torch.rsqrt(var + eps)
