@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,12 @@ from jepa.train.checkpoint import write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("JEPA_DATA_ROOT", ROOT.parent / "shared" / "data")) / "cifar10"
 TRAIN, TEST = f"{DATA}/train-{{000000..000009}}.tar", f"{DATA}/test-{{000000..000003}}.tar"
+
+
+def machine(precision: str) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{os.cpu_count()} cores of {cpu}, torch {torch.__version__}, {precision}"
 
 
 def log(msg: str) -> None:
@@ -121,24 +128,64 @@ def plots(run_dir: Path, out_dir: Path, baselines: dict) -> list[str]:
     return files
 
 
+# The issue's bar: linear >= random init + 8 points, k-NN above the reference implementation's 32.3%.
+BAR_LINEAR_GAIN, BAR_KNN = 0.08, 0.323
+
+HISTORY = """How the recipe got here. Full protocol (all 30k / 10k images), batch 128, fp32 on machine B:
+
+| run | steps | linear (random init) | k-NN (random init) | note |
+| --- | ---: | ---: | ---: | --- |
+| `tokenizer.init = "trunc_normal"` (std 0.02), lr 1e-3 | 300 | | | loss 0.06 by step 300, pooled std 0.10-0.18, rank about 8: token content (std about 0.13) is drowned by the sin-cos positions (about 0.5), so targets are mostly position |
+| Xavier patch init, lr 1e-3 | 800 | | | features stay spread (std 0.3-0.4, rank 9-12), but the loss falls to 0.07 again |
+| Xavier, lr 5e-4, warm-up 40 | 400 | **46.6%** (45.4%) | 28.4% (28.6%) | 32.1 minutes; nothing collapses, nothing separates from random init; the best run so far |
+| Xavier, lr 1e-3, warm-up 40, `loss.target_batch_norm`, `model.predictor_joint` (the run above this table) | 480 | 40.8% (45.4%) | 27.7% (28.6%) | 26.7 minutes; loss 0.99 -> 0.48 (the predictor explains half the position-centred target variance), yet the features fall below random init, rank 8.3 |
+
+Short proxies (2 shards = 6,000 train / 2,500 test images, same probes; random init of the patch-4
+encoder: 40.8% linear / 24.6% k-NN; of the patch-8 encoder: 35.4% / 26.6%), Xavier, lr 1e-3:
+
+| run | steps x batch | linear | k-NN | samples/s |
+| --- | ---: | ---: | ---: | ---: |
+| `loss.target_batch_norm` | 250 x 64 | 42.0% | 27.0% | 30 |
+| + `model.predictor_joint` | 250 x 64 | 40.4% | 25.1% | 39 |
+| + joint, EMA 0.99, targets = mean of the last 3 blocks | 250 x 64 | 38.9% | 26.4% | 37 |
+| `loss.target_batch_norm`, patch 8 (4x4 grid, `masker.min_keep = 4`) | 500 x 128 | 36.1% | 27.3% | 110 |
+
+Every proxy is within about 2 points of its random init, and the full run with both new options is
+4.6 points below it: at one to two epochs of CIFAR-10 the objective learns local statistics (a
+falling loss) that a random ViT's pooled features already hold or that pooling discards. Neither
+option is in the recipe."""
+
+
+def verdict(result: dict) -> str:
+    gain = result["ijepa"]["linear_top1"] - result["random_init"]["linear_top1"]
+    knn = result["ijepa"]["knn_top1"]
+    met = gain >= BAR_LINEAR_GAIN and knn > BAR_KNN
+    return (f"**Status: the bar is {'reached' if met else 'not reached'}.** The issue asks for linear >= random init "
+            f"+ {100 * BAR_LINEAR_GAIN:.0f} points and k-NN above the reference's {100 * BAR_KNN:.1f}%; here I-JEPA "
+            f"is {100 * gain:+.1f} points linear and {100 * knn:.1f}% k-NN.")
+
+
 def write_docs(result: dict, path: Path) -> None:
     rows = [("I-JEPA (target encoder)", result["ijepa"]), ("random init, same architecture", result["random_init"]),
             ("raw pixels", result["pixels"])]
     lines = ["## CIFAR-10 quality benchmark (`benchmarks/quality_cifar10.py`)", "",
-             f"Pretraining: `{result['recipe']}` with {' '.join(result['overrides']) or 'no overrides'}, "
-             f"{result['steps']} steps in {result['pretrain_minutes']:.1f} minutes on {result['machine']}. "
-             "Probes on the frozen, average-pooled features of all 30,000 training and 10,000 test images: a "
-             "converged multinomial logistic regression (L-BFGS, weight decay chosen on a 10% validation split, "
-             "then refit) and weighted k-NN (k = 20, cosine, T = 0.07).", "",
+             f"Pretraining: `{result['recipe']}` with {' '.join(f'`{o}`' for o in result['overrides']) or 'no overrides'}, "
+             f"**{result['steps']} steps in {result['pretrain_minutes']:.1f} minutes** (including the online k-NN "
+             f"monitor) on {result['machine']}; loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}. "
+             "Probes on the frozen, average-pooled target-encoder features of all 30,000 training and 10,000 test "
+             "images: a converged multinomial logistic regression (L-BFGS, weight decay chosen on a 10% validation "
+             "split, then refit) and weighted k-NN (k = 20, cosine, T = 0.07).", "",
              "| features | linear top-1 | linear train top-1 | k-NN top-1 | effective rank |", "| --- | --- | --- | --- | --- |"]
     for name, r in rows:
         lines.append(f"| {name} | {100 * r['linear_top1']:.1f}% | {100 * r['linear_train_top1']:.1f}% | "
                      f"{100 * r['knn_top1']:.1f}% | {r['effective_rank']:.1f} / {r['feature_dim']} |")
-    lines += ["", "For scale (measured on this machine by the issue's author with the same probes): the reference "
-              "I-JEPA implementation with this encoder, batch 128, 2,200 steps in 27 minutes reached 47.6-48.9% "
-              "linear and 32.3% k-NN.", "",
+    lines += ["", verdict(result), "",
+              "For scale (measured on machine A by the issue's author with the same probes): the reference I-JEPA "
+              "implementation with this encoder, batch 128, 2,200 steps in 27 minutes in bf16 reached 47.6-48.9% "
+              "linear and 32.3% k-NN; random init 47.5% / 27.8%. Machine B (this run's) has no bf16 matrix units "
+              "and about half machine A's fp32 rate, so 30 minutes here buy about a fifth of those samples.", "",
               "![loss](quality_cifar10_loss.png) ![k-NN vs steps](quality_cifar10_knn.png)", "",
-              f"Reproduce: `{result['command']}` (JSON: `benchmarks/results/quality_cifar10.json`).", ""]
+              f"Reproduce: `{result['command']}` (JSON: `benchmarks/results/quality_cifar10.json`).", "", HISTORY]
     write_section(path, "cifar10", "\n".join(lines))
 
 
@@ -162,9 +209,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--write-docs", action="store_true", help="write docs/results.md and its plots")
     ap.add_argument("--quick", action="store_true", help="probe on 5k/1k subsets (smoke runs)")
+    ap.add_argument("--monitor-every", type=int, default=250, help="online k-NN monitor interval (steps)")
     args = ap.parse_args()
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    monitor = ["monitor.every_steps=250", f'monitor.train="{TRAIN}"', f'monitor.test="{TEST}"']
+    monitor = [f"monitor.every_steps={args.monitor_every}", f'monitor.train="{TRAIN}"', f'monitor.test="{TEST}"']
     run_dir = Path(args.run_dir)
     t0 = time.perf_counter()
     summary = run_pretrain("image_cifar10_cpu", run_dir, overrides=overrides + monitor)
@@ -177,8 +225,8 @@ def main() -> None:
         train, test = str(DATA / "train-000000.tar"), str(DATA / "test-000000.tar")
     result = {"recipe": "image_cifar10_cpu", "overrides": overrides, "steps": summary["steps"],
               "pretrain_minutes": minutes, "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-              "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {summary['precision']}",
-              "command": "python benchmarks/quality_cifar10.py " + " ".join(sys.argv[1:])}
+              "machine": machine(summary["precision"]),
+              "command": "python benchmarks/quality_cifar10.py " + shlex.join(sys.argv[1:])}
     result["ijepa"] = probes("I-JEPA", *features(model, train, test))
     rand = jepa.load(random_init_checkpoint(args.overrides, run_dir / "random_init"))
     result["random_init"] = probes("random", *features(rand, train, test))

@@ -48,3 +48,16 @@ def test_gpu_script_plumbing_in_smoke_mode_on_the_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["vitb16_fp32"] and rows[0]["ms_per_step"] > 0 and "peak_cuda_mb" in rows[0]
+
+
+def test_cifar_results_state_the_bar_from_the_numbers(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality_cifar10
+
+    def result(linear, random, knn):
+        return {"ijepa": {"linear_top1": linear, "knn_top1": knn}, "random_init": {"linear_top1": random}}
+
+    assert "bar is reached" in quality_cifar10.verdict(result(0.56, 0.475, 0.33))
+    assert "bar is not reached" in quality_cifar10.verdict(result(0.56, 0.475, 0.32))  # k-NN below 32.3%
+    line = quality_cifar10.verdict(result(0.50, 0.45, 0.40))  # +5 points: below the +8 bar
+    assert "bar is not reached" in line and "+5.0 points linear" in line
