@@ -127,8 +127,9 @@ class LossConfig(Section):
     target_batch_norm: bool = Field(
         False, description="Then standardise each target channel at each token position over the (per-device) batch: "
         "what position alone predicts is removed, so the loss is the fraction of target variance the predictor "
-        "misses (1.0 for a content-blind predictor). Not in the paper; for small grids (CIFAR 8x8), where targets "
-        "otherwise become mostly a function of position. Needs a per-device batch of 2 or more.")
+        "misses (1.0 for a content-blind predictor). Not in the paper; meant for small grids (CIFAR 8x8), where "
+        "targets become mostly a function of position, but it did not raise CIFAR-10 probe accuracy at our budgets "
+        "(docs/results.md). Needs a per-device batch of 2 or more.")
 
 
 class TrainConfig(Section):

@@ -228,8 +228,8 @@ class Predictor(nn.Module):
         m, b, kt = target_idx.shape
         x = self.predictor_embed(context) + pos[context_idx].to(context.dtype)
         if self.joint:  # [B, M * Kt]: sample-major, target set m at columns m * Kt ...
-            tgt, tv = target_idx.transpose(0, 1).reshape(b, m * kt), target_valid
-            tv = tv.transpose(0, 1).reshape(b, m * kt) if tv is not None else None
+            tgt = target_idx.transpose(0, 1).reshape(b, m * kt)
+            tv = target_valid.transpose(0, 1).reshape(b, m * kt) if target_valid is not None else None
             cv = context_valid
         else:  # [M * B, Kt]: one sequence per (target set, sample)
             x = x.repeat(m, 1, 1)
