@@ -52,7 +52,7 @@ from jepa.model.cost import estimate
 from jepa.train.guards import NonFiniteGuard, guarded_ema_update, trainable
 from jepa.train.optim import build_optimizer, set_hparams
 from jepa.train.schedules import build_schedules, training_length
-from jepa.train.trainer import pick_attention, pick_device, pick_precision
+from jepa.train.trainer import apply_train_options, pick_attention, pick_device, pick_precision
 
 
 def log(msg: str) -> None:
@@ -222,11 +222,7 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
     torch.manual_seed(r.run.seed)
     model = build_jepa(r.model, r.loss, tok_cls, tok_cfg).to(device)
     set_attention(model, attention)
-    if r.train.activation_checkpointing:  # as the trainer does
-        model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = True
-    if r.train.compile:  # as the trainer does: each network in place, dynamic shapes (masks vary)
-        for net in (model.encoder, model.predictor, model.target_encoder):
-            net.compile(dynamic=True)
+    apply_train_options(model, r.train)
     optimizer = build_optimizer(r.optim, model.encoder, model.predictor, device=device)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -103,7 +103,7 @@ def write_checkpoint(final: Path, networks: dict[str, torch.nn.Module | dict], s
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception):  # torch.save reports a full disk as RuntimeError, safetensors as its own
-            raise CheckpointError(f"could not write checkpoint {final} ({_why(e)}); "
+            raise CheckpointError(f"could not write checkpoint {final} ({failure_reason(e)}); "
                                   f"any previous checkpoint is intact") from None
         raise
     return final
@@ -115,7 +115,7 @@ def temporary_checkpoint_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
 
 
-def _why(e: Exception) -> str:
+def failure_reason(e: Exception) -> str:
     """The cause of a failed write in a few words (``File too large``, ``No space left on device``)."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror

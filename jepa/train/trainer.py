@@ -31,6 +31,7 @@ from ..errors import CheckpointError, JepaError, RecipeError, TrainingStopped
 from ..model import JEPA, build_jepa, set_attention, training_grid
 from .checkpoint import (
     NETWORKS,
+    failure_reason,
     list_checkpoints,
     load_networks,
     load_state,
@@ -125,6 +126,16 @@ def next_batch(batches):
         raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
+def apply_train_options(model: JEPA, train) -> None:
+    """``train.activation_checkpointing`` and ``train.compile`` on the networks, in place (parameter
+    names, and so checkpoints, stay the same). ``benchmarks/train_step.py`` times the same networks."""
+    if train.activation_checkpointing:
+        model.encoder.grad_checkpointing = model.predictor.grad_checkpointing = True
+    if train.compile:
+        for net in (model.encoder, model.predictor, model.target_encoder):
+            net.compile(dynamic=True)  # dynamic shapes: context and target lengths vary with the masks
+
+
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Builds everything a run needs from a resolved recipe, then :meth:`fit` trains.
@@ -187,11 +198,7 @@ class Trainer:
         torch.manual_seed(r.run.seed)
         self.model: JEPA = build_jepa(r.model, r.loss, tok_cls, tok_cfg, grid=self.grid).to(self.device)
         set_attention(self.model, self.attention)
-        if r.train.activation_checkpointing:
-            self.model.encoder.grad_checkpointing = self.model.predictor.grad_checkpointing = True
-        if r.train.compile:
-            for net in (self.model.encoder, self.model.predictor, self.model.target_encoder):
-                net.compile(dynamic=True)  # in place: parameter names (and checkpoints) stay the same
+        apply_train_options(self.model, r.train)
         self.fsdp = r.dist.strategy == "fsdp" and self.dist.enabled  # one process trains unsharded
         if self.fsdp:
             shard_fsdp(self.model, self.dist, self.device, self.precision)
@@ -335,9 +342,8 @@ class Trainer:
         try:
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp_dir / "dcp"))
         except Exception as e:  # noqa: BLE001 - every rank sees the failure; the previous checkpoint stays
-            raise CheckpointError(f"could not write the sharded checkpoint of step {step} ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); the last "
-                                  f"complete checkpoint is {self.last_ckpt or 'none'}") from None
+            raise CheckpointError(f"could not write the sharded checkpoint of step {step} ({failure_reason(e)}); "
+                                  f"the last complete checkpoint is {self.last_ckpt or 'none'}") from None
         self.last_ckpt = root / f"step_{step:06d}"
         if self.dist.is_main:
             state = {**self._run_state(step, guard), "sharded": "dcp"}
@@ -362,8 +368,7 @@ class Trainer:
             set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
         except Exception as e:  # noqa: BLE001 - never a silent restart from step 0
             raise CheckpointError(f"checkpoint: cannot load the sharded state in {ckpt / 'dcp'}: "
-                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-                                  ) from None
+                                  f"{failure_reason(e)}") from None
 
     def _load_optimizer(self, saved: dict) -> None:
         """A full (unsharded) ``optimizer.state_dict()``; into FSDP shards through parameter names."""
