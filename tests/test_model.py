@@ -12,6 +12,7 @@ from jepa.config import load_recipe
 from jepa.config.schema import LossConfig, ModelConfig
 from jepa.errors import JepaError
 from jepa.model import build_jepa, ema_update, regression_loss, sincos_pos_embed
+from jepa.model.loss import variance_covariance
 from jepa.model.vit import gather_tokens
 
 from .conftest import tiny_recipe
@@ -170,6 +171,43 @@ def test_losses():
     valid = torch.zeros(2, 5, dtype=torch.bool)
     valid[0, :2] = True
     torch.testing.assert_close(regression_loss(pred, target, valid), ((pred - target)[0, :2] ** 2).mean())
+
+
+def test_variance_covariance_terms_are_zero_only_for_spread_decorrelated_features():
+    torch.manual_seed(0)
+    white = torch.randn(4096, 8) * 1.2  # every channel's std 1.2 > 1, channels independent
+    var, cov = variance_covariance(white)
+    assert var.item() == 0 and cov.item() < 0.05
+    shared = torch.randn(4096, 1).expand(4096, 8)  # eight copies of one channel: spread, fully correlated
+    var, cov = variance_covariance(shared)
+    assert var.item() == 0 and cov.item() == pytest.approx(7.0, rel=0.1)  # 56 off-diagonal 1s / 8
+    var, _ = variance_covariance(torch.zeros(16, 8))  # one embedding for every sample
+    assert var.item() == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="at least 2"):
+        variance_covariance(torch.zeros(1, 8))
+
+
+def test_variance_covariance_weights_add_to_the_loss_and_reach_the_encoder_only_through_context():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    ctx, tgt = torch.arange(40).expand(4, -1), torch.arange(48, 64).view(1, 1, 16).expand(2, 4, 16)
+    losses = {}
+    for weights in ({}, {"variance_weight": 2.0, "covariance_weight": 0.5}):
+        r = load_recipe(tiny_recipe(loss=weights))
+        tok_cls, tok_cfg = r.component("tokenizer")
+        torch.manual_seed(1)
+        m = build_jepa(r.recipe.model, r.recipe.loss, tok_cls, tok_cfg).eval()
+        losses[bool(weights)] = m(x, ctx, tgt, with_stats=True)
+    (base, s0), (reg, s1) = losses[False], losses[True]
+    assert "loss_var" not in s0 and s1["loss_var"] > 0
+    torch.testing.assert_close(reg, base + 2.0 * s1["loss_var"] + 0.5 * s1["loss_cov"])
+    valid = torch.ones(4, 40, dtype=torch.bool)
+    valid[:, 30:] = False  # padded context tokens do not enter the pooled embedding
+    padded = ctx.clone()
+    padded[:, 30:] = 0
+    torch.testing.assert_close(m(x, ctx[:, :30], tgt, with_stats=True)[1]["loss_var"],
+                               m(x, padded, tgt, context_valid=valid, with_stats=True)[1]["loss_var"],
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("size, params", [("vit_tiny", 5.5e6), ("vit_small", 21.5e6), ("vit_base", 85.6e6)])

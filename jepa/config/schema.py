@@ -130,6 +130,14 @@ class LossConfig(Section):
         "misses (1.0 for a content-blind predictor). Not in the paper; meant for small grids (CIFAR 8x8), where "
         "targets become mostly a function of position, but it did not raise CIFAR-10 probe accuracy at our budgets "
         "(docs/results.md). Needs a per-device batch of 2 or more.")
+    variance_weight: float = Field(
+        0.0, ge=0, description="Weight of a VICReg variance hinge on the context encoder's per-sample pooled "
+        "output: each channel's standard deviation over the (per-device) batch is pushed up to 1, so samples "
+        "cannot share one embedding. 0 (the paper) turns it off. Needs a per-device batch of 2 or more.")
+    covariance_weight: float = Field(
+        0.0, ge=0, description="Weight of VICReg's covariance penalty on the same pooled output (squared "
+        "off-diagonal covariances / width): spreads the embedding over channels, against dimensional collapse "
+        "(low effective rank). 0 turns it off.")
 
 
 class TrainConfig(Section):

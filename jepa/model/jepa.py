@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config.schema import LossConfig, ModelConfig
 from ..errors import JepaError, RecipeError
-from .loss import regression_loss
+from .loss import regression_loss, variance_covariance
 from .sizes import SIZES
 from .vit import Encoder, Predictor, batch_standardize, layer_norm_targets
 
@@ -87,6 +87,10 @@ class JEPA(nn.Module):
         valid = target_valid.reshape(m * b, kt) if target_valid is not None else None
         cfg = self.loss_cfg
         loss = regression_loss(pred, target, valid, cfg.kind, cfg.p, cfg.beta)
+        extra = {}
+        if cfg.variance_weight or cfg.covariance_weight:
+            extra["loss_var"], extra["loss_cov"] = variance_covariance(_masked_mean(z, context_valid))
+            loss = loss + cfg.variance_weight * extra["loss_var"] + cfg.covariance_weight * extra["loss_cov"]
         if not with_stats:
             return loss, {}
         with torch.no_grad():
@@ -94,9 +98,18 @@ class JEPA(nn.Module):
             stats = {
                 "target_std": pooled.std(dim=0).mean(),
                 "pred_std": pred.float().std(dim=(0, 1)).mean(),
+                **{k: v.detach() for k, v in extra.items()},
                 "target_pooled": pooled,  # [B, D]: the trainer's effective rank (RankMe) of the batch
             }
         return loss, stats
+
+
+def _masked_mean(z: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``[B, N, D]`` tokens over the real (not padded) ones: ``[B, D]``."""
+    if valid is None:
+        return z.float().mean(dim=1)
+    w = valid.to(torch.float32).unsqueeze(-1)
+    return (z.float() * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
 def build_jepa(model_cfg: ModelConfig, loss_cfg: LossConfig, tokenizer_cls: type, tokenizer_cfg,

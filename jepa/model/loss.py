@@ -30,3 +30,22 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
         return per_token.mean()
     w = valid.to(per_token.dtype)
     return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+
+def variance_covariance(x: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's anti-collapse terms for ``[B, D]`` features, over the batch.
+
+    Returns the variance hinge ``mean(relu(1 - std))`` (zero once every channel's batch standard
+    deviation is at least 1) and the covariance penalty ``sum(offdiag(C)^2) / D`` (zero for
+    decorrelated channels).
+    """
+    x = x.float()
+    b, d = x.shape
+    if b < 2:
+        raise ValueError("the variance and covariance terms need a batch of at least 2 samples")
+    x = x - x.mean(dim=0)
+    var = x.pow(2).sum(dim=0) / (b - 1)
+    hinge = F.relu(1.0 - torch.sqrt(var + eps)).mean()
+    cov = x.T @ x / (b - 1)
+    off = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
+    return hinge, off / d
