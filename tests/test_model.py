@@ -183,7 +183,7 @@ def test_variance_covariance_terms_are_zero_only_for_spread_decorrelated_feature
     assert var.item() == 0 and cov.item() == pytest.approx(7.0, rel=0.1)  # 56 off-diagonal 1s / 8
     var, _ = variance_covariance(torch.zeros(16, 8))  # one embedding for every sample
     assert var.item() == pytest.approx(1.0, abs=0.02)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(JepaError, match="batch of at least 2"):
         variance_covariance(torch.zeros(1, 8))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import JepaError
+
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, kind: str = "l2",
                     p: float = 2.0, beta: float = 1.0) -> torch.Tensor:
@@ -42,7 +44,7 @@ def variance_covariance(x: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tenso
     x = x.float()
     b, d = x.shape
     if b < 2:
-        raise ValueError("the variance and covariance terms need a batch of at least 2 samples")
+        raise JepaError("loss.variance_weight / loss.covariance_weight need a per-device batch of at least 2 samples")
     x = x - x.mean(dim=0)
     var = x.pow(2).sum(dim=0) / (b - 1)
     hinge = F.relu(1.0 - torch.sqrt(var + eps)).mean()
