@@ -41,13 +41,9 @@ def variance_covariance(x: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tenso
     deviation is at least 1) and the covariance penalty ``sum(offdiag(C)^2) / D`` (zero for
     decorrelated channels).
     """
-    x = x.float()
-    b, d = x.shape
-    if b < 2:
+    if x.shape[0] < 2:
         raise JepaError("loss.variance_weight / loss.covariance_weight need a per-device batch of at least 2 samples")
-    x = x - x.mean(dim=0)
-    var = x.pow(2).sum(dim=0) / (b - 1)
+    cov = torch.cov(x.float().T)  # [D, D], unbiased; its diagonal is each channel's variance
+    var = torch.diagonal(cov)
     hinge = F.relu(1.0 - torch.sqrt(var + eps)).mean()
-    cov = x.T @ x / (b - 1)
-    off = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
-    return hinge, off / d
+    return hinge, (cov.pow(2).sum() - var.pow(2).sum()) / x.shape[1]
