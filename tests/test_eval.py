@@ -171,3 +171,29 @@ def test_probe_pooling_option_end_to_end(run, small_data, jepa_cli):
     code, _, err = jepa_cli("eval", "knn", "--checkpoint", str(run), "--train", small_data[0], "--test",
                             small_data[1], "--pool", "segments:3")
     assert code != 0 and "segments:3 needs the first grid axis (8 of grid 8x8)" in err and "Traceback" not in err
+
+
+def test_feature_precision_is_fp32_unless_asked_and_keys_the_cache(run, small_data, tmp_path):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from jepa.api import load
+    from jepa.data import build_index
+    from jepa.eval.features import EvalDataset, _collate, cached_features, encode_dataset
+
+    model = load(run)
+    net, test = model.network("target"), small_data[1]
+    fp32 = encode_dataset(net, model.source, test, num_workers=0)
+    bf16 = encode_dataset(net, model.source, test, num_workers=0, precision="bf16")
+    x = next(iter(DataLoader(EvalDataset(build_index(test), model.source), batch_size=8, collate_fn=_collate)))[0]
+    with torch.no_grad():
+        direct = net(x).float().mean(1)  # an fp32 forward outside autocast, mean-pooled like the default probe
+    torch.testing.assert_close(fp32.pooled[:8], direct, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bf16.pooled, fp32.pooled, atol=1e-4)  # bf16 autocast really ran
+    with pytest.raises(JepaError, match="precision: expected fp32, bf16 or auto"):
+        encode_dataset(net, model.source, test, num_workers=0, precision="fp16")
+    cache = tmp_path / "cache"
+    a = cached_features(model, test, num_workers=0, cache_dir=cache)
+    b = cached_features(model, test, num_workers=0, cache_dir=cache, precision="bf16")
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not torch.equal(a.pooled, b.pooled)
+    assert probe(run, small_data, kind="knn")["precision"] == "fp32"

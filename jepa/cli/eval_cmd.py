@@ -22,6 +22,9 @@ Out = Annotated[str | None, typer.Option("--out", help="Folder for results JSON,
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 POOL_HELP = "Token pooling: mean (default), mean_std, or segments:N (N spans of the first grid axis)."
 Pool = Annotated[str | None, typer.Option("--pool", help=POOL_HELP)]
+Precision = Annotated[Literal["fp32", "bf16", "auto"] | None, typer.Option(
+    "--precision", help="Feature extraction: fp32 (default; bf16 rounds away weak directions and biases comparisons), "
+    "bf16 or auto.")]
 
 
 def settings(recipe: str | None, **given):
@@ -80,7 +83,7 @@ def probe(
     fraction: Annotated[float | None, typer.Option("--fraction", help="Class-balanced fraction of train labels.")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     input_size: Annotated[str | None, typer.Option("--input-size", help="Evaluate at another size: 64 or 48x64.")] = None,
-    out: Out = None, as_json: Json = False,
+    precision: Precision = None, out: Out = None, as_json: Json = False,
 ) -> None:
     """Train a linear or attentive probe on frozen features and report test accuracy."""
     from ..eval.run import run_probe
@@ -90,7 +93,7 @@ def probe(
     except ValueError:
         raise RecipeError(f"--input-size: expected a size like 64 or 48x64, got '{input_size}'") from None
     s = settings(recipe, checkpoint=checkpoint, train=train, test=test, kind=kind, which=which, layers=layers,
-                 pool=pool, fraction=fraction, seed=seed, out=out, input_size=size)
+                 pool=pool, fraction=fraction, seed=seed, out=out, input_size=size, precision=precision)
     show(run_probe(s), as_json)
 
 
@@ -99,13 +102,13 @@ def knn(
     recipe: Annotated[str | None, typer.Argument(help="Optional probe recipe: a TOML path or installed name.")] = None,
     checkpoint: Ckpt = None, train: Train = None, test: Test = None, which: Which = None, pool: Pool = None,
     k: Annotated[int | None, typer.Option("--k", help="Neighbours (default 20).")] = None,
-    out: Out = None, as_json: Json = False,
+    precision: Precision = None, out: Out = None, as_json: Json = False,
 ) -> None:
     """Weighted k-NN (cosine, k = 20, temperature 0.07) on frozen pooled features."""
     from ..eval.run import run_probe
 
     s = settings(recipe, checkpoint=checkpoint, train=train, test=test, which=which, pool=pool, k=k, out=out,
-                 kind="knn")
+                 kind="knn", precision=precision)
     show(run_probe(s), as_json)
 
 
@@ -117,10 +120,11 @@ def embed_cmd(
     which: Annotated[Literal["target", "context"], typer.Option("--which")] = "target",
     layers: Annotated[int, typer.Option("--layers", help="Concatenate the last N blocks' pooled outputs.")] = 1,
     pool: Annotated[str, typer.Option("--pool", help=POOL_HELP)] = "mean",
+    precision: Annotated[Literal["fp32", "bf16", "auto"], typer.Option("--precision", help="Feature extraction precision.")] = "fp32",
     as_json: Json = False,
 ) -> None:
     """Write embeddings (pooled, optionally per patch) with labels and keys."""
     from ..eval.run import embed
 
-    summary = embed(checkpoint, data, out, which, per_patch, layers, pool=pool)
+    summary = embed(checkpoint, data, out, which, per_patch, layers, pool=pool, precision=precision)
     print(json.dumps(summary, indent=2) if as_json else summary["out"])

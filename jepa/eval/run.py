@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import JepaError
-from .features import Features, cached_features, check_pool, fast_bf16
+from .features import PRECISION_HELP, Features, cached_features, check_pool, fast_bf16
 
 
 class ProbeSettings(BaseModel):
@@ -33,6 +33,7 @@ class ProbeSettings(BaseModel):
     batch_size: int = Field(256, gt=0)
     num_workers: int = Field(2, ge=0)
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:N]`.")
+    precision: Literal["fp32", "bf16", "auto"] = Field("fp32", description=PRECISION_HELP)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     weight_decays: list[float] = Field([0.0, 1e-5, 1e-4, 1e-3, 1e-2], description="Linear probe L2 grid.")
     lrs: list[float] = Field([1e-3], description="Attentive probe learning rates.")
@@ -70,7 +71,7 @@ def run_probe(s: ProbeSettings) -> dict:
     tokens = s.kind == "attentive"
     size = (s.input_size[0] if len(s.input_size) == 1 else s.input_size) if s.input_size else None
     kw = dict(which=s.which, layers=s.layers, tokens=tokens, batch_size=s.batch_size, num_workers=s.num_workers,
-              cache_dir=cache, input_size=size, pool=s.pool)
+              cache_dir=cache, input_size=size, pool=s.pool, precision=s.precision)
     train, test = cached_features(model, s.train, **kw), cached_features(model, s.test, **kw)
     _check_labels(train, "train")
     _check_labels(test, "test")
@@ -91,6 +92,7 @@ def run_probe(s: ProbeSettings) -> dict:
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),
         "effective_rank": effective_rank(tx), "which": s.which, "layers": s.layers, "pool": s.pool,
+        "precision": s.precision,
         "fraction": s.fraction,
         "seed": s.seed, "checkpoint": str(model.path), "train": s.train, "test": s.test, "grid": res.grid,
         "skipped": {"train": dict(train.skipped), "test": dict(test.skipped)},
@@ -145,13 +147,13 @@ def plot_confusion(confusion: torch.Tensor, names: list[str] | None, path: Path,
 
 
 def embed(checkpoint: str, data: str, out: str, which: str = "target", per_patch: bool = False, layers: int = 1,
-          batch_size: int = 256, num_workers: int = 2, pool: str = "mean") -> dict:
+          batch_size: int = 256, num_workers: int = 2, pool: str = "mean", precision: str = "fp32") -> dict:
     """Write pooled (and optionally per-patch) embeddings with labels and keys to ``.npz`` or ``.safetensors``."""
     from ..api import load
 
     model = load(checkpoint)
     feats = cached_features(model, data, which=which, layers=layers, tokens=per_patch, batch_size=batch_size,
-                            num_workers=num_workers, pool=pool)
+                            num_workers=num_workers, pool=pool, precision=precision)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"embeddings": feats.pooled, "labels": feats.labels}
