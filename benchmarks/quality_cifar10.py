@@ -2,7 +2,7 @@
 
 One run, side by side, on the offline CIFAR-10 copy (30k train / 10k test, 32 px):
 
-1. pretrain ``recipes/image_cifar10_cpu.toml`` (about 30 minutes on 2 cores in bf16), with the online
+1. pretrain ``recipes/image_cifar10_cpu.toml`` (25 minutes on 2 cores with bf16 units), with the online
    k-NN monitor on a 5k/1k subset, so probe accuracy is recorded against steps;
 2. probe the final target encoder with the full protocol (frozen, average-pooled tokens): a
    converged linear probe (L-BFGS, weight decay chosen on a validation split) and weighted k-NN;
@@ -11,7 +11,7 @@ One run, side by side, on the offline CIFAR-10 copy (30k train / 10k test, 32 px
 Writes ``benchmarks/results/quality_cifar10.json`` and, with ``--write-docs``, ``docs/results.md`` with
 a table, a loss curve and a probe-accuracy-vs-steps plot (PNG).
 
-    python benchmarks/quality_cifar10.py                      # full benchmark (~40 minutes)
+    python benchmarks/quality_cifar10.py --write-docs         # full benchmark (~35 minutes)
     python benchmarks/quality_cifar10.py --steps 300 --quick  # a smoke run
 """
 
@@ -62,10 +62,21 @@ def probes(name: str, train_x, train_y, test_x, test_y) -> dict:
     return out
 
 
-def features(model, train: str, test: str, which: str = "target"):
-    tr = encode_dataset(model.network(which), model.source, train, num_workers=2)
-    te = encode_dataset(model.network(which), model.source, test, num_workers=2)
+LAST_N = 4  # the paper's other probe input: the pooled outputs of the last 4 blocks, concatenated
+
+
+def features(model, train: str, test: str, which: str = "target", layers: int = 1):
+    """Pooled features (fp32 extraction, the probes' default) and labels of train and test."""
+    tr = encode_dataset(model.network(which), model.source, train, layers=layers, num_workers=2)
+    te = encode_dataset(model.network(which), model.source, test, layers=layers, num_workers=2)
     return tr.pooled, tr.labels, te.pooled, te.labels
+
+
+def last_block(feats):
+    """The last block's slice of ``features(..., layers=LAST_N)`` (blocks are concatenated in depth order)."""
+    train_x, train_y, test_x, test_y = feats
+    width = train_x.shape[1] // LAST_N
+    return train_x[:, -width:], train_y, test_x[:, -width:], test_y
 
 
 def pixels(source, train: str, test: str):
@@ -131,14 +142,16 @@ def plots(run_dir: Path, out_dir: Path, baselines: dict) -> list[str]:
 # The issue's bar: linear >= random init + 8 points, k-NN above the reference implementation's 32.3%.
 BAR_LINEAR_GAIN, BAR_KNN = 0.08, 0.323
 
-HISTORY = """How the recipe got here. Full protocol (all 30k / 10k images), batch 128, fp32 on machine B:
+HISTORY = """How the recipe got here. Full protocol (all 30k / 10k images), batch 128, last-block probe; fp32 on
+machine B (2 AVX2 cores, no bf16 units) unless noted:
 
 | run | steps | linear (random init) | k-NN (random init) | note |
 | --- | ---: | ---: | ---: | --- |
 | `tokenizer.init = "trunc_normal"` (std 0.02), lr 1e-3 | 300 | | | loss 0.06 by step 300, pooled std 0.10-0.18, rank about 8: token content (std about 0.13) is drowned by the sin-cos positions (about 0.5), so targets are mostly position |
 | Xavier patch init, lr 1e-3 | 800 | | | features stay spread (std 0.3-0.4, rank 9-12), but the loss falls to 0.07 again |
 | Xavier, lr 5e-4, warm-up 40 | 400 | **46.6%** (45.4%) | 28.4% (28.6%) | 32.1 minutes; nothing collapses, nothing separates from random init; the best run so far |
-| Xavier, lr 1e-3, warm-up 40, `loss.target_batch_norm`, `model.predictor_joint` (the run above this table) | 480 | 40.8% (45.4%) | 27.7% (28.6%) | 26.7 minutes; loss 0.99 -> 0.48 (the predictor explains half the position-centred target variance), yet the features fall below random init, rank 8.3 |
+| Xavier, lr 1e-3, warm-up 40, `loss.target_batch_norm`, `model.predictor_joint` | 480 | 40.8% (45.4%) | 27.7% (28.6%) | 26.7 minutes; loss 0.99 -> 0.48 (the predictor explains half the position-centred target variance), yet the features fall below random init, rank 8.3 |
+| Xavier, lr 1e-3, warm-up 200, VICReg terms (`variance_weight` 1, `covariance_weight` 0.04); bf16 on machine C (2 cores with AMX), the run above this table and now the recipe | 2,000 | 45.9% (45.4%) | **41.9%** (28.6%) | 25.0 minutes at about 175 samples/s, 8.5 epochs; rank 133; online k-NN 34.1% at step 250, 38.8% at 750, then 35-36% |
 
 Short proxies (2 shards = 6,000 train / 2,500 test images, same probes; random init of the patch-4
 encoder: 40.8% linear / 24.6% k-NN; of the patch-8 encoder: 35.4% / 26.6%), Xavier, lr 1e-3:
@@ -159,26 +172,43 @@ of CIFAR-10 the objective learns local statistics (a falling loss) that a random
 already hold or that pooling discards. The VICReg terms are the first change that moves k-NN: +5.4 to
 +6.9 points over random init on the proxy (online k-NN on the 5k / 1k monitor subset 32.2-32.4% at
 step 250, against 26-27% without them), with effective rank 23-32 instead of 8-12; linear stays within
-1.5 points. They have not had a full-protocol run yet. None of these options is in the recipe."""
+1.5 points. In the full run (4x the proxies' steps, 2x their batch, bf16 on a faster machine) they give
+k-NN 41.9% against 28.6% for random init, above the reference's 32.3% and near raw pixels' 44.0%, and
+effective rank 133 of 192; the linear probe gains only 0.5 points on the last block and 3.6 on the last 4
+blocks, short of the 8 the issue asks for. The recipe now has these terms, Xavier init, warm-up 200 and
+2,000 steps, so `python benchmarks/quality_cifar10.py --write-docs` repeats that run.
+
+Feature extraction runs in fp32 (`jepa eval --precision`, default fp32): extracting the same features
+under bf16 autocast cost the random-init encoder 2.9 points of linear probe (45.4% -> 42.5%, k-NN 28.6%
+-> 28.7%) and the trained one nothing (45.9% both), so bf16 extraction flatters a trained encoder
+against a random one."""
 
 
 def verdict(result: dict) -> str:
     gain = result["ijepa"]["linear_top1"] - result["random_init"]["linear_top1"]
     knn = result["ijepa"]["knn_top1"]
     met = gain >= BAR_LINEAR_GAIN and knn > BAR_KNN
-    return (f"**Status: the bar is {'reached' if met else 'not reached'}.** The issue asks for linear >= random init "
-            f"+ {100 * BAR_LINEAR_GAIN:.0f} points and k-NN above the reference's {100 * BAR_KNN:.1f}%; here I-JEPA "
-            f"is {100 * gain:+.1f} points linear and {100 * knn:.1f}% k-NN.")
+    text = (f"**Status: the bar is {'reached' if met else 'not reached'}.** The issue asks for linear >= random "
+            f"init + {100 * BAR_LINEAR_GAIN:.0f} points and k-NN above the reference's {100 * BAR_KNN:.1f}%; here "
+            f"I-JEPA is {100 * gain:+.1f} points linear and {100 * knn:.1f}% k-NN")
+    if f"ijepa_last{LAST_N}" in result:
+        gain4 = result[f"ijepa_last{LAST_N}"]["linear_top1"] - result[f"random_init_last{LAST_N}"]["linear_top1"]
+        text += f" ({100 * gain4:+.1f} points linear on the last {LAST_N} blocks)"
+    return text + "."
 
 
 def write_docs(result: dict, path: Path) -> None:
     rows = [("I-JEPA (target encoder)", result["ijepa"]), ("random init, same architecture", result["random_init"]),
             ("raw pixels", result["pixels"])]
+    if f"ijepa_last{LAST_N}" in result:
+        rows[2:2] = [(f"I-JEPA, last {LAST_N} blocks concatenated", result[f"ijepa_last{LAST_N}"]),
+                     (f"random init, last {LAST_N} blocks", result[f"random_init_last{LAST_N}"])]
     lines = ["## CIFAR-10 quality benchmark (`benchmarks/quality_cifar10.py`)", "",
              f"Pretraining: `{result['recipe']}` with {' '.join(f'`{o}`' for o in result['overrides']) or 'no overrides'}, "
              f"**{result['steps']} steps in {result['pretrain_minutes']:.1f} minutes** (including the online k-NN "
              f"monitor) on {result['machine']}; loss {result['first_loss']:.3f} -> {result['final_loss']:.3f}. "
-             "Probes on the frozen, average-pooled target-encoder features of all 30,000 training and 10,000 test "
+             "Probes on the frozen, average-pooled target-encoder features (last block, the paper's probe, and "
+             "the last 4 blocks concatenated), extracted in fp32, of all 30,000 training and 10,000 test "
              "images: a converged multinomial logistic regression (L-BFGS, weight decay chosen on a 10% validation "
              "split, then refit) and weighted k-NN (k = 20, cosine, T = 0.07).", "",
              "| features | linear top-1 | linear train top-1 | k-NN top-1 | effective rank |", "| --- | --- | --- | --- | --- |"]
@@ -186,10 +216,9 @@ def write_docs(result: dict, path: Path) -> None:
         lines.append(f"| {name} | {100 * r['linear_top1']:.1f}% | {100 * r['linear_train_top1']:.1f}% | "
                      f"{100 * r['knn_top1']:.1f}% | {r['effective_rank']:.1f} / {r['feature_dim']} |")
     lines += ["", verdict(result), "",
-              "For scale (measured on machine A by the issue's author with the same probes): the reference I-JEPA "
-              "implementation with this encoder, batch 128, 2,200 steps in 27 minutes in bf16 reached 47.6-48.9% "
-              "linear and 32.3% k-NN; random init 47.5% / 27.8%. Machine B (this run's) has no bf16 matrix units "
-              "and about half machine A's fp32 rate, so 30 minutes here buy about a fifth of those samples.", "",
+              "For scale (measured by the issue's author on a 2-core machine with bf16 units, same probes): the "
+              "reference I-JEPA implementation with this encoder, batch 128, 2,200 steps in 27 minutes in bf16 "
+              "reached 47.6-48.9% linear and 32.3% k-NN; random init 47.5% / 27.8%.", "",
               "![loss](quality_cifar10_loss.png) ![k-NN vs steps](quality_cifar10_knn.png)", "",
               f"Reproduce: `{result['command']}` (JSON: `benchmarks/results/quality_cifar10.json`).", "", HISTORY]
     write_section(path, "cifar10", "\n".join(lines))
@@ -216,27 +245,39 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true", help="write docs/results.md and its plots")
     ap.add_argument("--quick", action="store_true", help="probe on 5k/1k subsets (smoke runs)")
     ap.add_argument("--monitor-every", type=int, default=250, help="online k-NN monitor interval (steps)")
+    ap.add_argument("--probe-only", metavar="JSON",
+                    help="skip pretraining: probe the finished run in --run-dir again, taking its pretraining "
+                    "figures (and overrides) from this earlier result JSON of the same run")
     args = ap.parse_args()
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    monitor = [f"monitor.every_steps={args.monitor_every}", f'monitor.train="{TRAIN}"', f'monitor.test="{TEST}"']
     run_dir = Path(args.run_dir)
-    t0 = time.perf_counter()
-    summary = run_pretrain("image_cifar10_cpu", run_dir, overrides=overrides + monitor)
-    minutes = (time.perf_counter() - t0) / 60
-    log(f"pretrained {summary['steps']} steps in {minutes:.1f} min, loss {summary['first_loss']:.3f} -> "
-        f"{summary['final_loss']:.3f}")
-    model = jepa.load(run_dir)
+    if args.probe_only:
+        earlier = json.loads(Path(args.probe_only).read_text())
+        result = {k: earlier[k] for k in ("recipe", "overrides", "steps", "pretrain_minutes", "first_loss",
+                                          "final_loss", "machine", "command")}
+        recipe_overrides = [o for o in result["overrides"] if not o.startswith("train.steps=")]
+    else:
+        overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+        monitor = [f"monitor.every_steps={args.monitor_every}", f'monitor.train="{TRAIN}"', f'monitor.test="{TEST}"']
+        t0 = time.perf_counter()
+        summary = run_pretrain("image_cifar10_cpu", run_dir, overrides=overrides + monitor)
+        minutes = (time.perf_counter() - t0) / 60
+        log(f"pretrained {summary['steps']} steps in {minutes:.1f} min, loss {summary['first_loss']:.3f} -> "
+            f"{summary['final_loss']:.3f}")
+        result = {"recipe": "image_cifar10_cpu", "overrides": overrides, "steps": summary["steps"],
+                  "pretrain_minutes": minutes, "first_loss": summary["first_loss"],
+                  "final_loss": summary["final_loss"], "machine": machine(summary["precision"]),
+                  "command": "python benchmarks/quality_cifar10.py " + shlex.join(sys.argv[1:])}
+        recipe_overrides = args.overrides
     train, test = TRAIN, TEST
     if args.quick:  # one shard each: 3,000 train / 2,500 test images
         train, test = str(DATA / "train-000000.tar"), str(DATA / "test-000000.tar")
-    result = {"recipe": "image_cifar10_cpu", "overrides": overrides, "steps": summary["steps"],
-              "pretrain_minutes": minutes, "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-              "machine": machine(summary["precision"]),
-              "command": "python benchmarks/quality_cifar10.py " + shlex.join(sys.argv[1:])}
-    result["ijepa"] = probes("I-JEPA", *features(model, train, test))
-    rand = jepa.load(random_init_checkpoint(args.overrides, run_dir / "random_init"))
-    result["random_init"] = probes("random", *features(rand, train, test))
-    result["pixels"] = probes("pixels", *pixels(model.source, train, test))
+    # One fp32 pass per encoder with the last 4 blocks: the last block's slice is the paper's probe.
+    rand = jepa.load(random_init_checkpoint(recipe_overrides, run_dir / "random_init"))
+    for name, model in (("ijepa", jepa.load(run_dir)), ("random_init", rand)):
+        last4 = features(model, train, test, layers=LAST_N)
+        result[name] = probes(name, *last_block(last4))
+        result[f"{name}_last{LAST_N}"] = probes(f"{name} last {LAST_N}", *last4)
+    result["pixels"] = probes("pixels", *pixels(rand.source, train, test))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_cifar10.json").write_text(json.dumps(result, indent=2))
