@@ -61,3 +61,26 @@ def test_cifar_results_state_the_bar_from_the_numbers(monkeypatch):
     assert "bar is not reached" in quality_cifar10.verdict(result(0.56, 0.475, 0.32))  # k-NN below 32.3%
     line = quality_cifar10.verdict(result(0.50, 0.45, 0.40))  # +5 points: below the +8 bar
     assert "bar is not reached" in line and "+5.0 points linear" in line
+
+
+def test_precision_quality_pairs_fp32_and_bf16_runs_of_one_seed(tmp_path):
+    """The bf16-vs-fp32 benchmark on the shipped quick shards: per seed one run of each precision,
+    started from the same weights and data (their first losses agree to bf16 rounding), and the means."""
+    import os
+
+    from .conftest import QUICK_TEST, QUICK_TRAIN
+
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "train-000000.tar").symlink_to(QUICK_TRAIN)
+    (tmp_path / "cifar10" / "test-000000.tar").symlink_to(QUICK_TEST)
+    args = [str(BENCH / "precision_quality.py"), "--seeds", "1", "--steps", "2", "--train-shards", "1",
+            "--set", "data.batch_size=16", "--set", "data.num_workers=0", "--set", f'data.train="{QUICK_TRAIN}"',
+            "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JEPA_DATA_ROOT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "out" / "precision_quality.json").read_text())
+    fp32, bf16 = r["runs"]
+    assert (fp32["precision"], bf16["precision"], fp32["seed"], bf16["seed"]) == ("fp32", "bf16", 0, 0)
+    assert fp32["first_loss"] == pytest.approx(bf16["first_loss"], rel=0.03) and fp32["first_loss"] != bf16["first_loss"]
+    assert r["bf16_minus_fp32"]["linear_top1"] == pytest.approx(bf16["linear_top1"] - fp32["linear_top1"])
