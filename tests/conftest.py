@@ -16,7 +16,8 @@ QUICK_TEST = recipes_dir() / "data" / "cifar10-quick" / "test-000000.tar"
 
 
 def tiny_recipe(shards: str | None = None, steps: int = 4, batch: int = 8, **sections) -> dict:
-    """A vit_test-sized recipe on 32 px images (8x8 grid) that trains in about a second per step."""
+    """A vit_test-sized recipe on 32 px images (8x8 grid) that trains in about a second per step, in fp32
+    on every machine (``precision = "auto"`` would pick bf16 where the CPU has bf16 units)."""
     recipe = {
         "requires": ["image"],
         "run": {"name": "tiny", "seed": 0, "device": "cpu"},
@@ -26,7 +27,7 @@ def tiny_recipe(shards: str | None = None, steps: int = 4, batch: int = 8, **sec
         "source": {"name": "image", "crop_size": 32, "eval_crop_ratio": 1.0},
         "data": {"train": shards or str(QUICK_TRAIN), "batch_size": batch, "num_workers": 0},
         "schedule": {"warmup_steps": 1},
-        "train": {"steps": steps},
+        "train": {"steps": steps, "precision": "fp32"},  # not "auto": exact comparisons must not depend on the CPU
         "checkpoint": {"every_steps": 2, "keep_last": 5},
         "log": {"every_steps": 1, "tensorboard": False, "progress": False},
     }
