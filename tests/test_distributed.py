@@ -84,6 +84,40 @@ def test_a_global_batch_the_ranks_cannot_share_is_a_recipe_error_before_anything
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_checkpoint_write_that_fails_stops_every_rank_with_a_one_line_reason(tmp_path, strategy):
+    """A failed checkpoint write under torchrun: no rank waits at a barrier for one that has stopped, and no
+    rank dies with a traceback. DDP: only rank 0 writes, and rank 1 learns that it failed. FSDP: the
+    sharded write fails inside torch.distributed.checkpoint (whose exception is a BaseException) on
+    every rank. The previous checkpoint stays the latest either way."""
+    import resource
+
+    recipe = tiny_recipe(steps=4, batch=16, dist={"strategy": strategy})
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(tomli_w.dumps(recipe))
+    run = tmp_path / "run"
+    run_pretrain(recipe, run, stop_at=2)
+    limit = (run / "checkpoints" / "step_000002" / "encoder.safetensors").stat().st_size // 2
+
+    def small_files():  # inherited by both ranks
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jepa",
+           "pretrain", str(toml), "--run-dir", str(run), "--resume"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+                         preexec_fn=small_files)
+    errors = sorted(line for line in out.stderr.splitlines() if line.startswith("error:"))
+    assert out.returncode != 0 and "]: Traceback" not in out.stderr, out.stderr[-3000:]  # no rank's traceback
+    assert len(errors) == 2 and all("step_000002" in e for e in errors), errors  # one line per rank
+    if strategy == "ddp":
+        assert "could not write checkpoint" in errors[0] and "File too large" in errors[0]
+        assert "rank 0 could not write the checkpoint of step 4" in errors[1]
+    else:
+        assert all("could not write the sharded checkpoint of step 4 (rank 0: File too large)" in e for e in errors)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
 # --------------------------------------------------------------------------- FSDP2
 @pytest.fixture(scope="module")
 def fsdp_runs(runs):

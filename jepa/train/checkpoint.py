@@ -115,8 +115,12 @@ def temporary_checkpoint_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
 
 
-def failure_reason(e: Exception) -> str:
+def failure_reason(e: BaseException) -> str:
     """The cause of a failed write in a few words (``File too large``, ``No space left on device``)."""
+    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException: per-rank causes
+    if isinstance(failures, dict) and failures:
+        rank, (cause, _) = min(failures.items(), key=lambda kv: kv[0])
+        return f"rank {rank}: {failure_reason(cause)}"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e).strip().splitlines()

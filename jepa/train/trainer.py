@@ -299,18 +299,29 @@ class Trainer:
         if self.fsdp:
             return self._save_sharded(step, guard, meta)
         if not self.dist.is_main:  # rank 0 writes; the weights are the same on every rank
-            self.dist.barrier()
+            self._agree_written(step, None)
             self.last_ckpt = self.run_dir / "checkpoints" / f"step_{step:06d}"
             return self.last_ckpt
         state = {"optimizer": self.optimizer.state_dict(), **self._run_state(step, guard)}
+        error = None
         try:
             path = save_checkpoint(self.run_dir / "checkpoints", step, self.networks(), state, meta,
                                    self.resolved.to_toml(), self.recipe.checkpoint.keep_last)
         except CheckpointError as e:
-            raise CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}") from None
+            error = CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}")
+        self._agree_written(step, error)  # raises on every rank if the write failed
         self.last_ckpt = path
-        self.dist.barrier()
         return path
+
+    def _agree_written(self, step: int, error: CheckpointError | None) -> None:
+        """After rank 0's write: a barrier that rank 0 reaches whether or not its write failed (under gloo a
+        barrier also waits for the ranks' outstanding collectives, e.g. FSDP's, before anyone moves on),
+        then every rank learns whether it failed and raises, instead of waiting for a rank that stopped."""
+        self.dist.barrier()
+        if self.dist.any_flag(int(error is not None)) == 0:
+            return
+        raise error or CheckpointError(f"rank 0 could not write the checkpoint of step {step} (its error says why); "
+                                       f"the last complete checkpoint is {self.last_ckpt or 'none'}")
 
     def _run_state(self, step: int, guard: NonFiniteGuard) -> dict:
         skips = self.skips.state_dict()
@@ -326,6 +337,7 @@ class Trainer:
         evaluation and export), ``state.pt`` without the optimizer, and renames the directory into place."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -341,24 +353,26 @@ class Trainer:
         tmp_dir = Path(tmp[0])
         try:
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp_dir / "dcp"))
-        except Exception as e:  # noqa: BLE001 - every rank sees the failure; the previous checkpoint stays
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank sees it; the previous one stays
             raise CheckpointError(f"could not write the sharded checkpoint of step {step} ({failure_reason(e)}); "
                                   f"the last complete checkpoint is {self.last_ckpt or 'none'}") from None
-        self.last_ckpt = root / f"step_{step:06d}"
+        error, path = None, root / f"step_{step:06d}"
         if self.dist.is_main:
             state = {**self._run_state(step, guard), "sharded": "dcp"}
             try:
-                self.last_ckpt = save_checkpoint(root, step, weights, state, {**meta, "strategy": "fsdp"},
-                                                 self.resolved.to_toml(), self.recipe.checkpoint.keep_last, tmp=tmp_dir)
+                path = save_checkpoint(root, step, weights, state, {**meta, "strategy": "fsdp"},
+                                       self.resolved.to_toml(), self.recipe.checkpoint.keep_last, tmp=tmp_dir)
             except CheckpointError as e:
-                raise CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}") from None
-        self.dist.barrier()
-        return self.last_ckpt
+                error = CheckpointError(f"{e}; the last complete checkpoint is {self.last_ckpt or 'none'}")
+        self._agree_written(step, error)
+        self.last_ckpt = path
+        return path
 
     def _load_sharded(self, ckpt: Path) -> None:
         """Weights and AdamW state from a checkpoint's ``dcp/`` shards, resharded for this job (any world
         size, FSDP or not, one process included)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -366,7 +380,7 @@ class Trainer:
         try:
             dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
             set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-        except Exception as e:  # noqa: BLE001 - never a silent restart from step 0
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - never a silent restart from step 0
             raise CheckpointError(f"checkpoint: cannot load the sharded state in {ckpt / 'dcp'}: "
                                   f"{failure_reason(e)}") from None
 
