@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import JepaError
-from .features import PRECISION_HELP, Features, cached_features, check_pool, fast_bf16
+from .features import PRECISION_HELP, Features, cached_features, check_pool, fast_bf16, use_bf16
 
 
 class ProbeSettings(BaseModel):
@@ -92,7 +92,7 @@ def run_probe(s: ProbeSettings) -> dict:
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),
         "effective_rank": effective_rank(tx), "which": s.which, "layers": s.layers, "pool": s.pool,
-        "precision": s.precision,
+        "precision": "bf16" if use_bf16(s.precision, model.device) else "fp32",  # what the features were computed in
         "fraction": s.fraction,
         "seed": s.seed, "checkpoint": str(model.path), "train": s.train, "test": s.test, "grid": res.grid,
         "skipped": {"train": dict(train.skipped), "test": dict(test.skipped)},
