@@ -116,6 +116,7 @@ def test_a_checkpoint_write_that_fails_stops_every_rank_with_a_one_line_reason(t
     else:
         assert all("could not write the sharded checkpoint of step 4 (rank 0: File too large)" in e for e in errors)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial write is gone
 
 
 # --------------------------------------------------------------------------- FSDP2

@@ -9,6 +9,7 @@ the step, so ``2 steps + resume + 2 steps`` equals ``4 steps`` bit for bit.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -354,6 +355,8 @@ class Trainer:
         try:
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp_dir / "dcp"))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank sees it; the previous one stays
+            if self.dist.is_main:  # the collective save has ended on every rank: nobody writes there any more
+                shutil.rmtree(tmp_dir, ignore_errors=True)
             raise CheckpointError(f"could not write the sharded checkpoint of step {step} ({failure_reason(e)}); "
                                   f"the last complete checkpoint is {self.last_ckpt or 'none'}") from None
         error, path = None, root / f"step_{step:06d}"
