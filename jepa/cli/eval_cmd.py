@@ -120,11 +120,10 @@ def embed_cmd(
     which: Annotated[Literal["target", "context"], typer.Option("--which")] = "target",
     layers: Annotated[int, typer.Option("--layers", help="Concatenate the last N blocks' pooled outputs.")] = 1,
     pool: Annotated[str, typer.Option("--pool", help=POOL_HELP)] = "mean",
-    precision: Annotated[Literal["fp32", "bf16", "auto"], typer.Option("--precision", help="Feature extraction precision.")] = "fp32",
-    as_json: Json = False,
+    precision: Precision = None, as_json: Json = False,
 ) -> None:
     """Write embeddings (pooled, optionally per patch) with labels and keys."""
     from ..eval.run import embed
 
-    summary = embed(checkpoint, data, out, which, per_patch, layers, pool=pool, precision=precision)
+    summary = embed(checkpoint, data, out, which, per_patch, layers, pool=pool, precision=precision or "fp32")
     print(json.dumps(summary, indent=2) if as_json else summary["out"])
