@@ -34,9 +34,10 @@ class NpySource(Source):
     def load(self, data: bytes) -> np.ndarray:
         """Parse the bytes of a .npy file; anything that is not a finite numeric array is a SampleError."""
         try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise SampleError("corrupt", f"not a .npy array: {e}") from None
+            # The .npy format only: np.load would also open a zip (.npz) archive, which is not an array.
+            arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - untrusted bytes: the header parser raises SyntaxError, TokenError, ...
+            raise SampleError("corrupt", f"not a .npy array: {type(e).__name__}: {e}"[:200]) from None
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2 or arr.shape[0] != self.cfg.channels or not np.issubdtype(arr.dtype, np.number):
