@@ -27,6 +27,7 @@ rank 0 still writes the full weights as safetensors for evaluation and export.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -116,8 +117,22 @@ class DistContext:
         return nullcontext()
 
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the job: wait for every rank, let gloo's worker threads drain, then destroy the group.
+
+        The pause works around a deadlock in torch 2.11's gloo backend. After a collective completes,
+        the gloo thread that ran it frees the work holding the tensors, and this needs the GIL. The
+        thread does it while holding the group's work lock. ``~ProcessGroupGloo`` runs on this thread
+        with the GIL held (when DDP's reducer or the group is freed) and takes the same lock. If the
+        group is destroyed within a few milliseconds of the last collective, each thread waits for
+        the other forever. Seen in CI: rank 1 hung after the run had finished, 2 runs in 6 here.
+        While this thread sleeps, it does not hold the GIL, so the workers finish freeing the work.
+        """
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        if self.enabled:
+            dist.barrier(group=self.ctrl)  # no rank has a collective in flight after this
+            time.sleep(0.1)
+        dist.destroy_process_group()
 
 
 def shard_fsdp(model: nn.Module, ctx: DistContext, device: torch.device, precision: str) -> None:
