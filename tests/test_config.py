@@ -181,3 +181,25 @@ def test_flops_extrapolated_from_shallow_models_equal_the_full_count(depths):
     full = _count_flops(resolved, shape, grid, batch, 4, depth, pred_depth)
     assert full > 0
     assert step_flops(resolved, shape, grid, batch, 4) == full
+
+
+@pytest.mark.parametrize("path", [p for p in list_recipes() if not p.name.startswith("probe_")], ids=lambda p: p.stem)
+def test_every_shipped_pretraining_recipe_gets_a_cost_estimate(path):
+    """`jepa recipe check` counts FLOPs on meta tensors. Every op of every recipe's step must run there:
+    torch.cov (aten::equal, no meta kernel) once crashed the check of image_cifar10_cpu."""
+    from jepa.model.cost import estimate
+
+    report = estimate(load_recipe(path))
+    assert report["flops_per_step"] > 0 and report["memory_gb"] > 0
+
+
+def test_the_variance_and_covariance_terms_are_counted_in_the_step_flops():
+    from jepa.model.cost import _count_flops, example_masks
+
+    def flops(**loss):
+        resolved = load_recipe(tiny_recipe(loss=loss))
+        shape, grid, batch = example_masks(resolved, 4)
+        return _count_flops(resolved, shape, grid, batch, 4, 1, 1)
+
+    plain, with_terms = flops(), flops(variance_weight=1.0, covariance_weight=0.04)
+    assert with_terms > plain, (plain, with_terms)  # the [D, D] covariance matmul, forward and backward

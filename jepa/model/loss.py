@@ -43,7 +43,10 @@ def variance_covariance(x: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tenso
     """
     if x.shape[0] < 2:
         raise JepaError("loss.variance_weight / loss.covariance_weight need a per-device batch of at least 2 samples")
-    cov = torch.cov(x.float().T)  # [D, D], unbiased; its diagonal is each channel's variance
+    # Unbiased [D, D] covariance; its diagonal holds each channel's variance. Written out rather than
+    # torch.cov, which calls aten::equal: that has no meta kernel, so FLOP counting crashed.
+    xc = x.float() - x.float().mean(dim=0)
+    cov = xc.T @ xc / (x.shape[0] - 1)
     var = torch.diagonal(cov)
     hinge = F.relu(1.0 - torch.sqrt(var + eps)).mean()
     return hinge, (cov.pow(2).sum() - var.pow(2).sum()) / x.shape[1]
