@@ -50,6 +50,7 @@ from jepa.data.pipeline import Collate, derive_seed, per_device_batch
 from jepa.model import build_jepa, ema_update, set_attention
 from jepa.model.cost import estimate
 from jepa.train.guards import NonFiniteGuard, guarded_ema_update, trainable
+from jepa.train.host import tune_cpu_malloc
 from jepa.train.optim import build_optimizer, set_hparams
 from jepa.train.schedules import build_schedules, training_length
 from jepa.train.trainer import apply_train_options, pick_attention, pick_device, pick_precision
@@ -199,6 +200,9 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
 
     device = pick_device(r.run.device)
     precision = pick_precision(r.train.precision, device)
+    # as the trainer does (jepa.train.host); --set train.cpu_allocator=\"system\" times glibc's defaults
+    cpu_allocator = ("tuned" if device.type == "cpu" and r.train.cpu_allocator == "tuned" and tune_cpu_malloc()
+                     else "system")
     attention = pick_attention(r.model.attention, device, precision)
     accum = r.train.grad_accum
     per_device = per_device_batch(r.data.batch_size, r.dist.world_size, accum)
@@ -285,7 +289,7 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
         return batches, t_mask
 
     return SimpleNamespace(resolved=resolved, recipe=r, device=device, precision=precision, attention=attention,
-                           accum=accum, per_device=per_device, sample_shape=sample_shape, grid=grid,
+                           cpu_allocator=cpu_allocator, accum=accum, per_device=per_device, sample_shape=sample_shape, grid=grid,
                            tokens=tokens, model=model, loss_sum=loss_sum, micro_batches=micro_batches, pool=pool,
                            train_step=train_step)
 
@@ -346,6 +350,7 @@ def run(args: argparse.Namespace) -> dict:
         "recipe": str(args.recipe),
         "precision": precision,
         "attention": attention,
+        "cpu_allocator": b.cpu_allocator,
         "device": str(device),
         "batch_size": per_device,
         "grad_accum": accum,

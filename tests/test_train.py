@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -195,3 +197,30 @@ def test_activation_checkpointing_recomputes_in_backward():
         loss, _ = model(x, ctx, tgt)
         loss.backward()
         assert calls["n"] == expected
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from jepa.train.host import tune_cpu_malloc
+if sys.argv[1] == "tuned":
+    assert tune_cpu_malloc()
+for _ in range(2):  # 64 MB, twice: its pages are mapped now
+    x = torch.ones(16 * 2**20); del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    x = torch.ones(16 * 2**20); del x
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_tuned_cpu_allocator_reuses_freed_pages_instead_of_faulting_them_in_again(tmp_path):
+    """glibc maps a 64 MB tensor afresh on each allocation: 16,384 page faults each time. Tuned, the
+    freed pages are reused (measured: 0 faults in most runs, one refault of the 64 MB in some, when an
+    aligned allocation lands next to the freed chunk). Fresh processes: the setting is process-wide."""
+    faults = {arm: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, arm], capture_output=True, text=True,
+                                      check=True).stdout) for arm in ("system", "tuned")}
+    assert faults["system"] > 5 * 16_000, faults
+    assert faults["tuned"] <= 16_384 + 1_000, faults
+    summary = run_pretrain(tiny_recipe(steps=1), tmp_path / "run")
+    assert summary["cpu_allocator"] == "tuned"

@@ -153,6 +153,10 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in the backward pass instead of "
         "storing them (context encoder and predictor): less memory, about one more forward of compute.")
+    cpu_allocator: Literal["tuned", "system"] = Field(
+        "tuned", description="On CPU, `tuned` keeps freed memory mapped for reuse (glibc `mallopt`), so the "
+        "step's activations do not pay for page faults every step. Resident memory then stays at its "
+        "peak. `system` leaves glibc's defaults. No effect elsewhere.")
 
     @model_validator(mode="after")
     def _one_length(self):

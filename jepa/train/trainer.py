@@ -44,6 +44,7 @@ from .checkpoint import (
 )
 from .distributed import full_tensor, init_distributed, shard_fsdp, wrap_ddp
 from .guards import CollapseAlarm, NonFiniteGuard, StopOnSignal, guarded_ema_update, pooled_rank, trainable
+from .host import tune_cpu_malloc
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_hparams
 from .schedules import build_schedules, training_length
@@ -105,7 +106,8 @@ def core_defaults() -> dict:
 
 
 def recipe_changes(old: dict, new: dict, ignore: tuple[str, ...] = ("checkpoint.", "log.", "model.init", "dist.",
-                                                                   "train.activation_checkpointing")) -> list[str]:
+                                                                   "train.activation_checkpointing",
+                                                                   "train.cpu_allocator")) -> list[str]:
     """Fields whose values differ. A field the checkpoint's recipe lacks (added by a newer version)
     and that is at its default now is not a change, so upgrading does not block a resume."""
     fo, fn, defaults = flatten(old), flatten(new), core_defaults()
@@ -164,6 +166,8 @@ class Trainer:
         if not self.dist.is_main:  # rank 0 reports for the job
             self.console = Console(stderr=True, quiet=True)
         self.precision = pick_precision(r.train.precision, self.device)
+        self.cpu_allocator = ("tuned" if self.device.type == "cpu" and r.train.cpu_allocator == "tuned"
+                              and tune_cpu_malloc() else "system")
         self.attention = pick_attention(r.model.attention, self.device, self.precision)
 
         # Data: index once; the grid comes from the tokenizer for the source's sample shape.
@@ -590,7 +594,7 @@ class Trainer:
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "precision": self.precision,
             "attention": self.attention, "device": str(self.device), "world_size": self.dist.world_size,
             "strategy": "fsdp" if self.fsdp else ("ddp" if self.dist.enabled else "single"),
-            "rank": self.dist.rank, "samples": self.num_samples,
+            "rank": self.dist.rank, "samples": self.num_samples, "cpu_allocator": self.cpu_allocator,
             **self.skips.summary(), "bad_shards": self.index.bad_shards,
             "nonfinite_steps": int(self.guard.total.item()), "collapse_alarms": self.alarm.fired_at,
             "stopped": stopped,
