@@ -6,7 +6,7 @@ drift of the machine (its clock, other load) falls on both. Reported per precisi
 of each arm, ``tuned / system`` of the medians, the per-round ratios, and each arm's peak RSS. The
 mechanism is in ``jepa/train/host.py``.
 
-Writes ``benchmarks/results/cpu_allocator.json`` (the last stdout line is the same JSON).
+Writes ``benchmarks/results/cpu_allocator_<recipe>.json`` (the last stdout line is the same JSON).
 
     python benchmarks/cpu_allocator.py                                   # CIFAR recipe, batch 64, ~6 min
     python benchmarks/cpu_allocator.py --recipe benchmarks/recipes/vit_small_224.toml --precision bf16
@@ -80,7 +80,7 @@ def main() -> None:
               "results": [compare(args, p) for p in args.precision or ["fp32", "bf16"]]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_allocator.json").write_text(json.dumps(result, indent=2))
+    (out / f"cpu_allocator_{Path(args.recipe).stem}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
 
 

@@ -30,6 +30,17 @@ def test_train_step_benchmark_reports_a_consistent_json_line(tmp_path):
     assert r["achieved_gflops"] / r["peak_gflops"] == pytest.approx(r["mfu"], rel=1e-2)
 
 
+def test_cpu_allocator_benchmark_runs_both_arms_and_reports_their_ratio(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tomli_w.dumps(tiny_recipe()))
+    out = _run(str(BENCH / "cpu_allocator.py"), "--recipe", str(recipe), "--set", "data.batch_size=8",
+               "--precision", "fp32", "--rounds", "1", "--steps", "1", "--warmup", "1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
+    assert r["tuned_over_system"] == pytest.approx(r["ms_per_step"]["tuned"] / r["ms_per_step"]["system"], rel=1e-2)
+    assert json.loads((tmp_path / "cpu_allocator_tiny.json").read_text())["results"][0] == r
+
+
 def test_masks_benchmark_and_a_missing_reference_checkout(tmp_path):
     out = _run(str(BENCH / "masks.py"), "--grid", "8x8", "--n", "50", "--repeats", "1", "--batch", "16")
     assert out.returncode == 0, out.stderr[-2000:]
