@@ -50,7 +50,7 @@ from jepa.data.pipeline import Collate, derive_seed, per_device_batch
 from jepa.model import build_jepa, ema_update, set_attention
 from jepa.model.cost import estimate
 from jepa.train.guards import NonFiniteGuard, guarded_ema_update, trainable
-from jepa.train.host import tune_cpu_malloc
+from jepa.train.host import cpu_malloc_tuned, tune_cpu_malloc
 from jepa.train.optim import build_optimizer, set_hparams
 from jepa.train.schedules import build_schedules, training_length
 from jepa.train.trainer import apply_train_options, pick_attention, pick_device, pick_precision
@@ -201,8 +201,9 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
     device = pick_device(r.run.device)
     precision = pick_precision(r.train.precision, device)
     # as the trainer does (jepa.train.host); --set train.cpu_allocator=\"system\" times glibc's defaults
-    cpu_allocator = ("tuned" if device.type == "cpu" and r.train.cpu_allocator == "tuned" and tune_cpu_malloc()
-                     else "system")
+    if device.type == "cpu" and r.train.cpu_allocator == "tuned":
+        tune_cpu_malloc()
+    cpu_allocator = "tuned" if cpu_malloc_tuned() else "system"
     attention = pick_attention(r.model.attention, device, precision)
     accum = r.train.grad_accum
     per_device = per_device_batch(r.data.batch_size, r.dist.world_size, accum)

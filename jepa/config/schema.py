@@ -156,7 +156,8 @@ class TrainConfig(Section):
     cpu_allocator: Literal["tuned", "system"] = Field(
         "tuned", description="On CPU, `tuned` keeps freed memory mapped for reuse (glibc `mallopt`), so the "
         "step's activations do not pay for page faults every step. Resident memory then stays at its "
-        "peak. `system` leaves glibc's defaults. No effect elsewhere.")
+        "peak. `system` leaves glibc's defaults. Process-wide: once tuned, the process stays tuned. "
+        "No effect off CPU or glibc.")
 
     @model_validator(mode="after")
     def _one_length(self):

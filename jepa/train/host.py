@@ -1,17 +1,18 @@
 """Host-side settings of the training process that are not part of the model's arithmetic.
 
-**CPU allocator.** glibc's ``malloc`` serves every allocation above its mmap threshold (128 KB, raised
-as it goes to at most 32 MB) with a fresh ``mmap`` and returns it with ``munmap`` when it is freed. A training step allocates
-and frees activations of tens of MB. So every step pays the kernel again to fault in and zero those
-pages. That is a large share of a CPU bf16 step. ``benchmarks/cpu_allocator.py`` measured the CIFAR
-recipe at batch 64, 3 alternating rounds: bf16 took 0.83x the time (631 -> 523 ms). fp32 took 0.97x,
-which is within that machine's noise.
+**CPU allocator.** glibc's ``malloc`` serves every allocation above its mmap threshold (128 KB,
+raised as it goes to at most 32 MB) with a fresh ``mmap``, and returns it with ``munmap`` when it is
+freed. A training step allocates and frees activations of tens of MB. So every step pays the kernel
+again to fault in and zero those pages. ``benchmarks/cpu_allocator.py`` runs both settings as
+alternating subprocesses (machine D of ``docs/performance.md``). With the tuned allocator, a ViT-S/16
+step at batch 32 took 0.85x the time in fp32 and 0.77x in bf16. The CIFAR recipe at batch 64 took
+0.83x in bf16 and 0.97x in fp32, which is within that machine's noise.
 
 ``tune_cpu_malloc`` keeps freed memory in the process instead. It turns off mmap for allocations
 (``M_MMAP_MAX = 0``) and trimming of the heap (``M_TRIM_THRESHOLD``). After the first step, the
 allocator reuses pages that are already mapped. The cost is that the resident memory stays at its
-peak. The peak itself grew by at most 4% in the same runs (1,614 -> 1,684 MB in fp32); the memory is
-just not handed back to the system between steps.
+peak. The peak itself grew by 1-6% in the same runs (ViT-S bf16: 3,695 -> 3,898 MB); the memory is
+just not handed back to the system between steps. The setting is process-wide and stays on once set.
 
 These are the settings that PyTorch's CPU tuning guides get from jemalloc or tcmalloc. Here they
 come from the libc that is already loaded, through ``mallopt``, so nothing is installed and nothing
@@ -27,6 +28,11 @@ M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_MAX = -4
 
 _tuned = False
+
+
+def cpu_malloc_tuned() -> bool:
+    """Whether this process's allocator has been tuned (by any caller)."""
+    return _tuned
 
 
 def tune_cpu_malloc() -> bool:
