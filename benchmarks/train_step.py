@@ -200,7 +200,7 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
 
     device = pick_device(r.run.device)
     precision = pick_precision(r.train.precision, device)
-    # as the trainer does (jepa.train.host); --set train.cpu_allocator=\"system\" times glibc's defaults
+    # as the trainer does (jepa.train.host); --set 'train.cpu_allocator="system"' times glibc's defaults
     if device.type == "cpu" and r.train.cpu_allocator == "tuned":
         tune_cpu_malloc()
     cpu_allocator = "tuned" if cpu_malloc_tuned() else "system"
@@ -290,9 +290,9 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
         return batches, t_mask
 
     return SimpleNamespace(resolved=resolved, recipe=r, device=device, precision=precision, attention=attention,
-                           cpu_allocator=cpu_allocator, accum=accum, per_device=per_device, sample_shape=sample_shape, grid=grid,
-                           tokens=tokens, model=model, loss_sum=loss_sum, micro_batches=micro_batches, pool=pool,
-                           train_step=train_step)
+                           cpu_allocator=cpu_allocator, accum=accum, per_device=per_device,
+                           sample_shape=sample_shape, grid=grid, tokens=tokens, model=model, loss_sum=loss_sum,
+                           micro_batches=micro_batches, pool=pool, train_step=train_step)
 
 
 def run(args: argparse.Namespace) -> dict:
