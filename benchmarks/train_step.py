@@ -50,7 +50,7 @@ from jepa.data.pipeline import Collate, derive_seed, per_device_batch
 from jepa.model import build_jepa, ema_update, set_attention
 from jepa.model.cost import estimate
 from jepa.train.guards import NonFiniteGuard, guarded_ema_update, trainable
-from jepa.train.host import cpu_malloc_tuned, tune_cpu_malloc
+from jepa.train.host import apply_cpu_allocator
 from jepa.train.optim import build_optimizer, set_hparams
 from jepa.train.schedules import build_schedules, training_length
 from jepa.train.trainer import apply_train_options, pick_attention, pick_device, pick_precision
@@ -200,10 +200,8 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
 
     device = pick_device(r.run.device)
     precision = pick_precision(r.train.precision, device)
-    # as the trainer does (jepa.train.host); --set 'train.cpu_allocator="system"' times glibc's defaults
-    if device.type == "cpu" and r.train.cpu_allocator == "tuned":
-        tune_cpu_malloc()
-    cpu_allocator = "tuned" if cpu_malloc_tuned() else "system"
+    # as the trainer does; --set 'train.cpu_allocator="system"' times glibc's defaults
+    cpu_allocator = apply_cpu_allocator(r.train.cpu_allocator, device.type)
     attention = pick_attention(r.model.attention, device, precision)
     accum = r.train.grad_accum
     per_device = per_device_batch(r.data.batch_size, r.dist.world_size, accum)

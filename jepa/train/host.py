@@ -30,11 +30,6 @@ M_MMAP_MAX = -4
 _tuned = False
 
 
-def cpu_malloc_tuned() -> bool:
-    """Whether this process's allocator has been tuned (by any caller)."""
-    return _tuned
-
-
 def tune_cpu_malloc() -> bool:
     """Keep freed heap memory mapped for reuse (glibc only). Returns whether the settings are in effect.
     Process-wide and idempotent; DataLoader workers forked afterwards inherit them."""
@@ -52,3 +47,12 @@ def tune_cpu_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     return _tuned
+
+
+def apply_cpu_allocator(setting: str, device_type: str) -> str:
+    """``train.cpu_allocator`` for a run on ``device_type``: tune if asked and on CPU, and return what is
+    in effect, ``"tuned"`` or ``"system"``. The setting is process-wide, so a ``"system"`` run after a
+    tuned one in the same process reports ``"tuned"``."""
+    if setting == "tuned" and device_type == "cpu":
+        tune_cpu_malloc()
+    return "tuned" if _tuned else "system"

@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .distributed import full_tensor, init_distributed, shard_fsdp, wrap_ddp
 from .guards import CollapseAlarm, NonFiniteGuard, StopOnSignal, guarded_ema_update, pooled_rank, trainable
-from .host import cpu_malloc_tuned, tune_cpu_malloc
+from .host import apply_cpu_allocator
 from .metrics import MetricsLogger
 from .optim import build_optimizer, set_hparams
 from .schedules import build_schedules, training_length
@@ -166,9 +166,7 @@ class Trainer:
         if not self.dist.is_main:  # rank 0 reports for the job
             self.console = Console(stderr=True, quiet=True)
         self.precision = pick_precision(r.train.precision, self.device)
-        if self.device.type == "cpu" and r.train.cpu_allocator == "tuned":
-            tune_cpu_malloc()
-        self.cpu_allocator = "tuned" if cpu_malloc_tuned() else "system"  # process-wide: what is in effect
+        self.cpu_allocator = apply_cpu_allocator(r.train.cpu_allocator, self.device.type)
         self.attention = pick_attention(r.model.attention, self.device, self.precision)
 
         # Data: index once; the grid comes from the tokenizer for the source's sample shape.
