@@ -29,6 +29,7 @@ is checked rather than assumed. The last stdout line is one JSON object.
     git clone https://github.com/facebookresearch/ijepa /tmp/ijepa    # wherever you have it
     python benchmarks/reference.py --ijepa /tmp/ijepa --json
     python benchmarks/reference.py --ijepa /tmp/ijepa --precision bf16   # ours in bf16, the reference under CPU autocast
+    python benchmarks/reference.py --ijepa /tmp/ijepa --precision bf16 --ref-precision fp32   # ours bf16 vs its fp32
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ijepa", default=os.environ.get("IJEPA_REPO"),
                    help="checkout of facebookresearch/ijepa (default: $IJEPA_REPO)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--ref-precision", choices=["fp32", "bf16"],
+                   help="the reference's precision, if not --precision: `--precision bf16 --ref-precision fp32` "
+                   "times our bf16 step against the reference's fp32 step in one run")
     p.add_argument("--steps", type=int, default=20, help="timed steps of each, alternating (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
     p.add_argument("--mask-batches", type=int, default=300, help="batches for the mask timing (default 300)")
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ref = import_reference(args.ijepa)
+    ref_precision = args.ref_precision or args.precision
 
     schedule_steps = args.warmup + args.steps + 1  # the schedules' length (values do not change the cost)
     ours = ours_bench.build(argparse.Namespace(recipe=RECIPE, set=args.set, precision=args.precision, attention=None,
@@ -194,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     r = ours.recipe
     if ours.accum != 1 or r.dist.world_size != 1 or r.data.mask_collate != "truncate":
         raise SystemExit("the reference comparison needs grad_accum 1, world_size 1 and truncate collation")
-    reference = ReferenceStep(ref, ours.resolved, args.precision, schedule_steps + 2)
+    reference = ReferenceStep(ref, ours.resolved, ref_precision, schedule_steps + 2)
     log(f"reference setting: {r.model.size}, grid {'x'.join(map(str, ours.grid))}, batch "
-        f"{r.data.batch_size}, predictor {r.model.predictor_depth}x{r.model.predictor_embed_dim}, {args.precision}, "
+        f"{r.data.batch_size}, predictor {r.model.predictor_depth}x{r.model.predictor_embed_dim}, ours {args.precision}, "
+        f"reference {ref_precision}, "
         f"ours attention {ours.attention}, {torch.get_num_threads()} threads")
 
     # Same work? FLOPs of one real step of each (forward + backward; counted, not estimated).
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     our_params = sum(p.numel() for p in [*ours.model.encoder.parameters(), *ours.model.predictor.parameters()]
                      if p.requires_grad)
 
-    peak_before = ours_bench.matmul_peak_gflops(args.precision, ours.device)
+    precisions = sorted({args.precision, ref_precision})
+    peak_before = {p: ours_bench.matmul_peak_gflops(p, ours.device) for p in precisions}
     c0, w0 = time.process_time(), time.perf_counter()
     times: dict[str, list[float]] = {"reference": [], "ours": []}
     run = {"reference": reference, "ours": ours.train_step}
@@ -224,13 +231,13 @@ def main(argv: list[str] | None = None) -> None:
             log(f"  step {i + 1 - args.warmup:3d}/{args.steps}: reference {1e3 * times['reference'][-1]:7.1f} ms, "
                 f"ours {1e3 * times['ours'][-1]:7.1f} ms")
     cpu_util = (time.process_time() - c0) / (time.perf_counter() - w0) / torch.get_num_threads()
-    peak = max(peak_before, ours_bench.matmul_peak_gflops(args.precision, ours.device))
+    peak = {p: max(peak_before[p], ours_bench.matmul_peak_gflops(p, ours.device)) for p in precisions}
     masks = time_masks(reference, ours, args.mask_batches)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     pairs = sorted(o / r for o, r in zip(times["ours"], times["reference"], strict=True))
     result = {
-        "setting": RECIPE, "overrides": args.set or [], "precision": args.precision,
+        "setting": RECIPE, "overrides": args.set or [], "precision": args.precision, "ref_precision": ref_precision,
         "ours_attention": ours.attention, "batch_size": r.data.batch_size,
         "ref_ms_per_step": round(med["reference"] * 1e3, 1), "ours_ms_per_step": round(med["ours"] * 1e3, 1),
         "ratio_ours_over_ref": round(med["ours"] / med["reference"], 3),
@@ -240,9 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         "ref_gflops_per_step": round(ref_flops / 1e9, 2), "ours_gflops_per_step": round(our_flops / 1e9, 2),
         "ref_params": ref_params, "ours_params": our_params,
         "ref_context_tokens": round(statistics.mean(reference.context_tokens), 1),
-        "peak_gflops": round(peak, 1),
-        "ref_mfu": round(ref_flops / med["reference"] / 1e9 / peak, 3),
-        "ours_mfu": round(our_flops / med["ours"] / 1e9 / peak, 3),
+        "peak_gflops": round(peak[args.precision], 1), "ref_peak_gflops": round(peak[ref_precision], 1),
+        "ref_mfu": round(ref_flops / med["reference"] / 1e9 / peak[ref_precision], 3),
+        "ours_mfu": round(our_flops / med["ours"] / 1e9 / peak[args.precision], 3),
         "masks": masks, "cpu_util": round(cpu_util, 3),
         "steps": args.steps, "warmup": args.warmup,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
