@@ -152,15 +152,15 @@ def time_masks(ref_step: ReferenceStep, ours, n: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
     tiny_ref = [(torch.zeros(1), 0) for _ in ref_step.samples]
-    for kind, ref_items, pool in (("images", ref_step.samples, ours.pool),
-                                  ("masks_only", tiny_ref, torch.zeros(len(ours.pool), 1))):
+    for kind, ref_items, samples in (("images", ref_step.samples, ours.samples),
+                                     ("masks_only", tiny_ref, list(torch.zeros(len(ours.pool), 1)))):
         ref_ms, our_ms = [], []
         for i in range(n):
             t = time.perf_counter()
             ref_step.collator(ref_items)
             ref_ms.append(1e3 * (time.perf_counter() - t))
             t = time.perf_counter()
-            ours.micro_batches(i, pool)
+            ours.micro_batches(i, samples)
             our_ms.append(1e3 * (time.perf_counter() - t))
         ref_med, our_med = statistics.median(ref_ms), statistics.median(our_ms)
         out[kind] = {"ref_ms_per_batch": round(ref_med, 3), "ours_ms_per_batch": round(our_med, 3),

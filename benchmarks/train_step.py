@@ -233,12 +233,13 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
     # Synthetic samples (decoding excluded): a fixed pool of random-normal images, one per batch slot.
     g = torch.Generator().manual_seed(r.run.seed)
     pool = torch.randn(per_device * accum, *sample_shape, generator=g)
+    samples = list(pool)  # one view per slot, made once: the timed step indexes a list, as a loader's would be
 
     log(f"recipe {args.recipe}: {r.model.size} grid {'x'.join(map(str, grid))} ({tokens} tokens), "
         f"batch {per_device}/device x accum {accum}, {precision}, attention {attention}, device {device}, "
         f"{torch.get_num_threads()} threads, mask_collate {r.data.mask_collate}")
 
-    def micro_batches(step: int, pool: torch.Tensor = pool):
+    def micro_batches(step: int, samples: list[torch.Tensor] = samples):
         """The step's micro-batches: masks drawn per sample from seeded RNGs, then collated."""
         out = []
         for a in range(accum):
@@ -246,7 +247,7 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
             for j in range(per_device):
                 pos = (step * accum + a) * per_device + j
                 mask = masker(grid, random.Random(derive_seed(r.run.seed, 0, pos, "mask")))
-                items.append((pool[a * per_device + j], mask, -1, pos))
+                items.append((samples[a * per_device + j], mask, -1, pos))
             out.append(collate(items))
         return out
 
@@ -290,7 +291,7 @@ def build(args: argparse.Namespace) -> SimpleNamespace:
     return SimpleNamespace(resolved=resolved, recipe=r, device=device, precision=precision, attention=attention,
                            cpu_allocator=cpu_allocator, accum=accum, per_device=per_device,
                            sample_shape=sample_shape, grid=grid, tokens=tokens, model=model, loss_sum=loss_sum,
-                           micro_batches=micro_batches, pool=pool, train_step=train_step)
+                           micro_batches=micro_batches, pool=pool, samples=samples, train_step=train_step)
 
 
 def run(args: argparse.Namespace) -> dict:
