@@ -66,6 +66,13 @@ def test_vith14_check_reports_paper_sizes_quickly_without_a_gpu(tmp_path, jepa_c
     assert report["tokens_per_sample"] == 256 and report["per_device_batch"] == 128
     assert report["flops_per_step"] > 1e15 and 20 < report["memory_gb"] < 200
     assert report["recipe"]["loss"]["kind"] == "smooth_l1"
+    # Expected GPU time at the default MFU, which the paper's run implies: 300 epochs in under 72 h on
+    # 16 A100s. The recipe's own world size is 16, and the cost model must land near that claim.
+    expected = report["expected"]
+    a100, h100 = expected["gpus"]["A100"], expected["gpus"]["H100"]
+    assert 60 < a100["run_h"] <= 72.5
+    assert a100["epoch_h"] * 300 == pytest.approx(a100["run_h"], rel=1e-3)  # 300 epochs, no other steps
+    assert a100["step_s"] / h100["step_s"] == pytest.approx(989 / 312)
     # Under 10 s on the benchmark machine. On slower CPUs merely importing torch, torchvision and timm
     # can take 8 s (measured on a 2-core AVX2 machine), so bound what the check adds to that floor:
     # nothing of the 630 M-parameter model may be allocated or run.
@@ -74,6 +81,31 @@ def test_vith14_check_reports_paper_sizes_quickly_without_a_gpu(tmp_path, jepa_c
                    check=True, cwd=tmp_path)
     floor = time.perf_counter() - start
     assert elapsed < 10 or elapsed - floor < 4, f"recipe check took {elapsed:.1f} s; importing alone {floor:.1f} s"
+
+
+def test_expected_gpu_time_scales_with_the_work_and_the_mfu():
+    import inspect
+
+    from jepa.cli.recipe_cmd import check
+    from jepa.model.cost import PAPER_MFU, expected_time
+
+    assert inspect.signature(check).parameters["mfu"].default == PAPER_MFU  # the CLI spells it out, lazily
+
+    cost = {"flops_per_device_step": 3.12e14, "total_steps": 1000}
+    t = expected_time(cost, num_samples=20_000, batch_size=100, mfu=0.5)
+    assert t["steps_per_epoch"] == 200
+    assert t["gpus"]["A100"]["step_s"] == pytest.approx(2.0)  # 312 TFLOP at half of 312 TFLOP/s
+    assert t["gpus"]["A100"]["epoch_h"] == pytest.approx(400 / 3600)
+    assert t["gpus"]["A100"]["run_h"] == pytest.approx(2000 / 3600)
+    faster = expected_time({**cost, "flops_per_device_step": 1.56e14}, None, 100, mfu=1.0)
+    assert faster["gpus"]["A100"]["step_s"] == pytest.approx(0.5) and faster["gpus"]["A100"]["epoch_h"] is None
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="--mfu"):
+            expected_time(cost, None, 100, mfu=bad)
+
+
+def test_recipe_check_rejects_an_mfu_outside_0_1_in_one_line(jepa_cli):
+    assert_one_line_error(*jepa_cli("recipe", "check", "quickstart", "--mfu", "1.5"), 2, "--mfu", "(0, 1]")
 
 
 def test_recipe_list_and_reference(jepa_cli):

@@ -62,10 +62,15 @@ def _human(n: float) -> str:
 
 @app.command("check")
 def check(recipe: Annotated[str, typer.Argument(help="Recipe path or installed recipe name.")],
-          overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Validate a recipe without training; print the resolved recipe and its cost."""
+          overrides: SetOpt = None, as_json: JsonOpt = False,
+          mfu: Annotated[float, typer.Option(
+              "--mfu", help="Model-FLOP utilisation for the expected GPU times: the fraction of the dense bf16 "
+              "peak (312 TFLOP/s A100, 989 H100) a step achieves. Default: what the paper's ViT-H/14 run "
+              "achieved (at least 0.34). From benchmarks/gpu.sh: its achieved TFLOP/s over that peak.")] = 0.34) -> None:
+    """Validate a recipe without training; print the resolved recipe, its cost and expected GPU time."""
     from ..config import find_recipe, load_recipe
-    from ..model.cost import estimate
+    from ..errors import RecipeError
+    from ..model.cost import estimate, expected_time
     from . import err_console, out_console
 
     if is_probe_recipe(find_recipe(recipe)):
@@ -77,6 +82,10 @@ def check(recipe: Annotated[str, typer.Argument(help="Recipe path or installed r
         return
     resolved = load_recipe(recipe, overrides or [])
     cost = estimate(resolved)
+    try:
+        cost["expected"] = expected_time(cost, resolved.recipe.data.num_samples, resolved.recipe.data.batch_size, mfu)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None  # a bad option value: exit 2, like a recipe error
     if as_json:
         print(json.dumps({"recipe": resolved.to_dict(), **cost}, indent=2))
         return
@@ -93,6 +102,14 @@ def check(recipe: Annotated[str, typer.Argument(help="Recipe path or installed r
     table.add_row("FLOPs per step (all devices)", _human(cost["flops_per_step"]) + "FLOP")
     table.add_row("FLOPs per step per device", _human(cost["flops_per_device_step"]) + "FLOP")
     table.add_row("memory per device (estimate)", f"{cost['memory_gb']:.2f} GB")
+    world = cost["world_size"]
+    for name, g in cost["expected"]["gpus"].items():
+        times = [f"{g['step_s']:.3g} s/step"]
+        if g["epoch_h"] is not None:
+            times.append(f"{60 * g['epoch_h']:.3g} min/epoch")
+        if g["run_h"] is not None:
+            times.append(f"{g['run_h']:.3g} h/run")
+        table.add_row(f"{world} x {name} at MFU {mfu:g} ({g['peak_tflops']:g} TFLOP/s bf16)", ", ".join(times))
     out_console.print(table)
     err_console.print("recipe OK")
 

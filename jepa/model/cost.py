@@ -8,7 +8,11 @@
 * an estimate of peak memory per device: fp32 weights, gradients and AdamW moments, plus
   activations saved for backward (per block, about ``34 * L * D`` bytes in 16-bit precision, the
   estimate of Korthikanti et al. 2022, doubled in fp32; plus ``5 * heads * L^2`` for stored attention
-  maps when ``model.attention = "math"``: fused SDPA keeps none).
+  maps when ``model.attention = "math"``: fused SDPA keeps none);
+* expected wall time per step, per epoch and for the run on A100 and H100 GPUs, from those FLOPs, the
+  GPUs' dense bf16 peaks and a model-FLOP utilisation (MFU). The default MFU is what the paper's own
+  ViT-H/14 run achieved by this count: 300 epochs (4.38e20 FLOP) in under 1,200 A100-hours (16 GPUs,
+  under 72 h) is at least 0.34 of 312 TFLOP/s. ``benchmarks/gpu.sh`` measures it on a real GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,32 @@ from ..data.pipeline import per_device_batch
 from ..train.schedules import training_length
 from .jepa import build_jepa, resolve_arch, training_grid
 from .vit import set_attention
+
+#: Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts, without sparsity), FLOP/s.
+GPU_PEAKS = {"A100": 312e12, "H100": 989e12}
+#: MFU of the paper's ViT-H/14 run (see the module docstring): the default of :func:`expected_time`.
+PAPER_MFU = 0.34
+
+
+def expected_time(cost: dict, num_samples: int | None, batch_size: int, mfu: float = PAPER_MFU) -> dict:
+    """Seconds per step and hours per epoch / per run on each GPU of :data:`GPU_PEAKS`, at ``mfu``.
+
+    ``cost`` is :func:`estimate`'s result: the per-device FLOPs of one optimizer step set the pace,
+    since every device runs its share of the global batch in parallel.
+    """
+    if not 0.0 < mfu <= 1.0:
+        raise ValueError(f"--mfu: a fraction of the peak in (0, 1], got {mfu:g}")
+    steps_per_epoch = num_samples / batch_size if num_samples else None
+    out = {"mfu": mfu, "steps_per_epoch": steps_per_epoch, "gpus": {}}
+    for name, peak in GPU_PEAKS.items():
+        step_s = cost["flops_per_device_step"] / (peak * mfu)
+        out["gpus"][name] = {
+            "peak_tflops": peak / 1e12,
+            "step_s": step_s,
+            "epoch_h": step_s * steps_per_epoch / 3600 if steps_per_epoch else None,
+            "run_h": step_s * cost["total_steps"] / 3600 if cost.get("total_steps") else None,
+        }
+    return out
 
 
 def _count(module: torch.nn.Module) -> int:
