@@ -153,6 +153,7 @@ machine B (2 AVX2 cores, no bf16 units) unless noted:
 | Xavier, lr 1e-3, warm-up 40, `loss.target_batch_norm`, `model.predictor_joint` | 480 | 40.8% (45.4%) | 27.7% (28.6%) | 26.7 minutes; loss 0.99 -> 0.48 (the predictor explains half the position-centred target variance), yet the features fall below random init, rank 8.3 |
 | Xavier, lr 1e-3, warm-up 200, VICReg terms (`variance_weight` 1, `covariance_weight` 0.04); bf16 on machine C (2 cores with AMX), the run above this table and now the recipe | 2,000 | 45.9% (45.4%) | **41.9%** (28.6%) | 25.0 minutes at about 175 samples/s, 8.5 epochs; rank 133; online k-NN 34.1% at step 250, 38.8% at 750, then 35-36% |
 | the recipe with `optim.lr = 2e-3`, bf16 on machine D (2 AVX512-BF16 cores) | 1,375 of 1,600 | | | stopped at step 1,375: online k-NN 34.4% at step 400, 20.0% at 800, 19.4% at 1,200; no collapse (rank 60-64), but the loss rose 0.77 -> 1.0 while the prediction std fell 0.61 -> 0.30 and the target std rose 0.45 -> 0.90: the predictor lost track of drifting targets |
+| the recipe with `optim.lr = 5e-4`, bf16 on machine D | 1,800 | 45.7% (45.3%) | 41.4% (28.6%) | 28.8 minutes at 110-160 samples/s; rank 102; last 4 blocks 50.3% (45.6%); online k-NN 33.7% at step 300, 37.2% at 600, then 35.0, 33.3 and 33.5%: the same mid-run peak and decline as at lr 1e-3, so the learning rate is not what caps the probes |
 
 Short proxies (2 shards = 6,000 train / 2,500 test images, same probes; random init of the patch-4
 encoder: 40.8% linear / 24.6% k-NN; of the patch-8 encoder: 35.4% / 26.6%), Xavier, lr 1e-3:
