@@ -72,6 +72,7 @@ def test_vith14_check_reports_paper_sizes_quickly_without_a_gpu(tmp_path, jepa_c
     a100, h100 = expected["gpus"]["A100"], expected["gpus"]["H100"]
     assert 60 < a100["run_h"] <= 72.5
     assert a100["epoch_h"] * 300 == pytest.approx(a100["run_h"], rel=1e-3)  # 300 epochs, no other steps
+    assert report["steps_per_epoch"] == pytest.approx(1281167 / 2048) and report["epochs"] == pytest.approx(300, rel=1e-3)
     assert a100["step_s"] / h100["step_s"] == pytest.approx(989 / 312)
     # Under 10 s on the benchmark machine. On slower CPUs merely importing torch, torchvision and timm
     # can take 8 s (measured on a 2-core AVX2 machine), so bound what the check adds to that floor:
@@ -91,17 +92,16 @@ def test_expected_gpu_time_scales_with_the_work_and_the_mfu():
 
     assert inspect.signature(check).parameters["mfu"].default == PAPER_MFU  # the CLI spells it out, lazily
 
-    cost = {"flops_per_device_step": 3.12e14, "total_steps": 1000}
-    t = expected_time(cost, num_samples=20_000, batch_size=100, mfu=0.5)
-    assert t["steps_per_epoch"] == 200
+    cost = {"flops_per_device_step": 3.12e14, "total_steps": 1000, "steps_per_epoch": 200}
+    t = expected_time(cost, mfu=0.5)
     assert t["gpus"]["A100"]["step_s"] == pytest.approx(2.0)  # 312 TFLOP at half of 312 TFLOP/s
     assert t["gpus"]["A100"]["epoch_h"] == pytest.approx(400 / 3600)
     assert t["gpus"]["A100"]["run_h"] == pytest.approx(2000 / 3600)
-    faster = expected_time({**cost, "flops_per_device_step": 1.56e14}, None, 100, mfu=1.0)
+    faster = expected_time({**cost, "flops_per_device_step": 1.56e14, "steps_per_epoch": None}, mfu=1.0)
     assert faster["gpus"]["A100"]["step_s"] == pytest.approx(0.5) and faster["gpus"]["A100"]["epoch_h"] is None
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="--mfu"):
-            expected_time(cost, None, 100, mfu=bad)
+            expected_time(cost, mfu=bad)
 
 
 def test_recipe_check_rejects_an_mfu_outside_0_1_in_one_line(jepa_cli):

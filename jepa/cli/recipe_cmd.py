@@ -83,7 +83,7 @@ def check(recipe: Annotated[str, typer.Argument(help="Recipe path or installed r
     resolved = load_recipe(recipe, overrides or [])
     cost = estimate(resolved)
     try:
-        cost["expected"] = expected_time(cost, resolved.recipe.data.num_samples, resolved.recipe.data.batch_size, mfu)
+        cost["expected"] = expected_time(cost, mfu)
     except ValueError as e:
         raise RecipeError(str(e)) from None  # a bad option value: exit 2, like a recipe error
     if as_json:

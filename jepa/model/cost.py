@@ -34,7 +34,7 @@ GPU_PEAKS = {"A100": 312e12, "H100": 989e12}
 PAPER_MFU = 0.34
 
 
-def expected_time(cost: dict, num_samples: int | None, batch_size: int, mfu: float = PAPER_MFU) -> dict:
+def expected_time(cost: dict, mfu: float = PAPER_MFU) -> dict:
     """Seconds per step and hours per epoch / per run on each GPU of :data:`GPU_PEAKS`, at ``mfu``.
 
     ``cost`` is :func:`estimate`'s result: the per-device FLOPs of one optimizer step set the pace,
@@ -42,8 +42,8 @@ def expected_time(cost: dict, num_samples: int | None, batch_size: int, mfu: flo
     """
     if not 0.0 < mfu <= 1.0:
         raise ValueError(f"--mfu: a fraction of the peak in (0, 1], got {mfu:g}")
-    steps_per_epoch = num_samples / batch_size if num_samples else None
-    out = {"mfu": mfu, "steps_per_epoch": steps_per_epoch, "gpus": {}}
+    steps_per_epoch = cost.get("steps_per_epoch")
+    out = {"mfu": mfu, "gpus": {}}
     for name, peak in GPU_PEAKS.items():
         step_s = cost["flops_per_device_step"] / (peak * mfu)
         out["gpus"][name] = {
@@ -140,9 +140,11 @@ def estimate(resolved: Resolved, world_size: int | None = None) -> dict:
     memory = state_bytes + enc_act + pred_act + target_act
     flops_step = micro_flops * r.train.grad_accum * world
     steps = training_length(r, r.data.num_samples)
+    steps_per_epoch = r.data.num_samples / r.data.batch_size if r.data.num_samples else None
     return {
         "total_steps": steps,
-        "epochs": steps * r.data.batch_size / r.data.num_samples if steps and r.data.num_samples else None,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": steps / steps_per_epoch if steps and steps_per_epoch else None,
         "total_flops": flops_step * steps if steps else None,
         "params": {"encoder": n_enc, "predictor": n_pred, "target_encoder": _count(model.target_encoder)},
         "arch": arch,
