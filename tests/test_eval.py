@@ -144,6 +144,16 @@ def test_online_monitor_logs_knn_and_does_not_change_training(small_data, tmp_pa
     assert plain["final_loss"] == watched["final_loss"]
 
 
+def test_online_monitor_extracts_in_fp32_like_the_offline_probe(small_data, tmp_path):
+    # bf16 training; the monitor's last figure is the final target encoder's k-NN on the whole of both
+    # shards, so it must be exactly what `jepa eval knn` (fp32 extraction by default) reports.
+    monitor = {"every_steps": 2, "train": small_data[0], "test": small_data[1], "max_train": 600, "max_test": 200}
+    run_pretrain(tiny_recipe(steps=2, train={"precision": "bf16"}, monitor=monitor), tmp_path / "bf16")
+    records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    online = [r["knn_top1"] for r in records if "knn_top1" in r]
+    assert len(online) == 1 and online[0] == probe(tmp_path / "bf16", small_data, kind="knn")["top1"]
+
+
 def test_token_poolings_are_what_they_say():
     import torch
 

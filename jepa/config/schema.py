@@ -192,6 +192,10 @@ class MonitorConfig(Section):
     max_train: int = Field(5000, gt=0, description="Evenly spread subset of `train` (decoded once, kept in memory).")
     max_test: int = Field(1000, gt=0, description="Evenly spread subset of `test`.")
     k: int = Field(20, gt=0, description="Neighbours (cosine similarity, votes weighted by exp(sim / 0.07)).")
+    precision: Literal["fp32", "train"] = Field(
+        "fp32", description="Feature extraction: `fp32` (default, like `jepa eval`: bf16 rounds away weak feature "
+        "directions, so its figures would not match the final probes) or `train` (the training precision: "
+        "cheaper on bf16 hardware).")
 
     @model_validator(mode="after")
     def _data_given(self):

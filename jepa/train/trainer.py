@@ -218,7 +218,8 @@ class Trainer:
         if r.monitor.every_steps and (self.dist.is_main or self.fsdp):
             from ..eval.monitor import KnnMonitor
 
-            self.monitor = KnnMonitor(r.monitor, self.source, self.device, self.precision == "bf16")
+            bf16 = r.monitor.precision == "train" and self.precision == "bf16"
+            self.monitor = KnnMonitor(r.monitor, self.source, self.device, bf16)
         # Every check has passed (on every rank): only now does the run directory change.
         self.dist.barrier()
         if self.dist.is_main:
