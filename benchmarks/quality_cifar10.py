@@ -50,15 +50,30 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def whitened(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA whitening fitted on the training features: every direction of theirs gets unit variance."""
+    x = train_x.double()
+    mu = x.mean(dim=0)
+    evals, evecs = torch.linalg.eigh(torch.cov((x - mu).T))
+    w = evecs / evals.clamp_min(1e-10 * evals.max()).sqrt()
+    return ((x - mu) @ w).float(), ((test_x.double() - mu) @ w).float()
+
+
 def probes(name: str, train_x, train_y, test_x, test_y) -> dict:
+    """Linear probe and k-NN; also k-NN after whitening, which tells a better geometry (k-NN gains, the
+    linear probe, being nearly invariant to a change of basis, does not) from learned information."""
     t = time.perf_counter()
     lin = linear_probe(train_x, train_y, test_x, test_y, 10)
     knn = knn_probe(train_x, train_y, test_x, test_y, 10)
+    white_train, white_test = whitened(train_x, test_x)
+    knn_white = knn_probe(white_train, train_y, white_test, test_y, 10)
     out = {"linear_top1": lin.top1, "linear_train_top1": lin.train_top1, "linear_val_top1": lin.val_top1,
-           "linear_chosen": lin.chosen, "knn_top1": knn.top1, "feature_dim": int(train_x.shape[1]),
-           "effective_rank": effective_rank(train_x), "probe_seconds": round(time.perf_counter() - t, 1)}
+           "linear_chosen": lin.chosen, "knn_top1": knn.top1, "knn_whitened_top1": knn_white.top1,
+           "feature_dim": int(train_x.shape[1]), "effective_rank": effective_rank(train_x),
+           "probe_seconds": round(time.perf_counter() - t, 1)}
     log(f"{name:>10}: linear {100 * lin.top1:.1f}% (train {100 * lin.train_top1:.1f}%), "
-        f"k-NN {100 * knn.top1:.1f}%, rank {out['effective_rank']:.1f}/{out['feature_dim']}")
+        f"k-NN {100 * knn.top1:.1f}% (whitened {100 * knn_white.top1:.1f}%), "
+        f"rank {out['effective_rank']:.1f}/{out['feature_dim']}")
     return out
 
 
@@ -202,7 +217,17 @@ to the mean over all of them, so the term asks for little, and it halved the ran
 Feature extraction runs in fp32 (`jepa eval --precision`, default fp32): extracting the same features
 under bf16 autocast cost the random-init encoder 2.9 points of linear probe (45.4% -> 42.5%, k-NN 28.6%
 -> 28.7%) and the trained one nothing (45.9% both), so bf16 extraction flatters a trained encoder
-against a random one."""
+against a random one.
+
+**k-NN measures geometry as much as learning** (machine E, 2 AVX2 cores, fp32; the benchmark's
+`probes()` now adds k-NN on PCA-whitened features, the whitening fitted on the 30k training features).
+Whitening the random-init encoder's features lifts its k-NN from 28.6% to **47.9%** (last block; 51.6%
+for the last 4 blocks), above I-JEPA's 41.9% and raw pixels' 44.0%; standardising each channel alone
+gives 29.1%. The random features hold the information, spread over directions of tiny variance that
+cosine similarity ignores. A linear probe is nearly invariant to such a change of basis, and it puts
+I-JEPA within 0.5 points of random init: what the VICReg terms bought in k-NN (+13.3 points) is mostly
+a whiter geometry, not class information that random features lack. So the k-NN bar (above 32.3%) is
+met by the protocol but is not evidence of learning; the linear bar is the one that tests it."""
 
 
 def verdict(result: dict) -> str:
@@ -232,10 +257,12 @@ def write_docs(result: dict, path: Path) -> None:
              "the last 4 blocks concatenated), extracted in fp32, of all 30,000 training and 10,000 test "
              "images: a converged multinomial logistic regression (L-BFGS, weight decay chosen on a 10% validation "
              "split, then refit) and weighted k-NN (k = 20, cosine, T = 0.07).", "",
-             "| features | linear top-1 | linear train top-1 | k-NN top-1 | effective rank |", "| --- | --- | --- | --- | --- |"]
+             "| features | linear top-1 | linear train top-1 | k-NN top-1 | k-NN, whitened features | effective rank |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
+        white = f"{100 * r['knn_whitened_top1']:.1f}%" if "knn_whitened_top1" in r else ""  # older results lack it
         lines.append(f"| {name} | {100 * r['linear_top1']:.1f}% | {100 * r['linear_train_top1']:.1f}% | "
-                     f"{100 * r['knn_top1']:.1f}% | {r['effective_rank']:.1f} / {r['feature_dim']} |")
+                     f"{100 * r['knn_top1']:.1f}% | {white} | {r['effective_rank']:.1f} / {r['feature_dim']} |")
     lines += ["", verdict(result), "",
               "For scale (measured by the issue's author on a 2-core machine with bf16 units, same probes): the "
               "reference I-JEPA implementation with this encoder, batch 128, 2,200 steps in 27 minutes in bf16 "

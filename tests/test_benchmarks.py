@@ -95,3 +95,17 @@ def test_precision_quality_pairs_fp32_and_bf16_runs_of_one_seed(tmp_path):
     assert (fp32["precision"], bf16["precision"], fp32["seed"], bf16["seed"]) == ("fp32", "bf16", 0, 0)
     assert fp32["first_loss"] == pytest.approx(bf16["first_loss"], rel=0.03) and fp32["first_loss"] != bf16["first_loss"]
     assert r["bf16_minus_fp32"]["linear_top1"] == pytest.approx(bf16["linear_top1"] - fp32["linear_top1"])
+
+
+def test_cifar_whitening_gives_the_training_features_identity_covariance(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality_cifar10
+
+    torch.manual_seed(0)
+    mix = torch.randn(6, 6) * torch.tensor([10.0, 1, 1, 0.1, 0.1, 0.01])  # channels of very different scale
+    train = torch.randn(2000, 6) @ mix + 3.0
+    wtrain, wtest = quality_cifar10.whitened(train, train[:10])
+    torch.testing.assert_close(torch.cov(wtrain.double().T), torch.eye(6, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(wtest, wtrain[:10])  # test features go through the map fitted on train
