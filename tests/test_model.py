@@ -210,6 +210,24 @@ def test_variance_covariance_weights_add_to_the_loss_and_reach_the_encoder_only_
                                atol=1e-5, rtol=1e-5)
 
 
+def test_global_term_compares_the_pooled_context_with_the_whole_inputs_target():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    tgt = torch.arange(48, 64).view(1, 1, 16).expand(2, 4, 16)
+    r = load_recipe(tiny_recipe(loss={"global_weight": 3.0}))
+    tok_cls, tok_cfg = r.component("tokenizer")
+    m = build_jepa(r.recipe.model, r.recipe.loss, tok_cls, tok_cfg).eval()
+    # at initialisation the target encoder is a copy of the encoder: seeing everything, they agree
+    whole = m(x, torch.arange(64).expand(4, -1), tgt, with_stats=True)[1]["loss_global"]
+    assert whole.item() == pytest.approx(0.0, abs=1e-10)
+    loss, stats = m(x, torch.arange(40).expand(4, -1), tgt, with_stats=True)
+    assert stats["loss_global"] > 1e-3
+    m.loss_cfg = m.loss_cfg.model_copy(update={"global_weight": 0.0})
+    plain, s0 = m(x, torch.arange(40).expand(4, -1), tgt, with_stats=True)
+    assert "loss_global" not in s0
+    torch.testing.assert_close(loss, plain + 3.0 * stats["loss_global"])
+
+
 @pytest.mark.parametrize("size, params", [("vit_tiny", 5.5e6), ("vit_small", 21.5e6), ("vit_base", 85.6e6)])
 def test_size_presets_have_the_reference_parameter_counts(size, params):
     r = load_recipe(tiny_recipe(model={"size": size}, tokenizer={"patch_size": 16}, source={"crop_size": 224}))

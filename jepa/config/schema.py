@@ -138,6 +138,11 @@ class LossConfig(Section):
         0.0, ge=0, description="Weight of VICReg's covariance penalty on the same pooled output (squared "
         "off-diagonal covariances / width): spreads the embedding over channels, against dimensional collapse "
         "(low effective rank). 0 turns it off.")
+    global_weight: float = Field(
+        0.0, ge=0, description="Weight of a global term: the mean squared distance between the context encoder's "
+        "pooled output and the target encoder's pooled output of the whole input (no gradient), so the visible "
+        "part must already say what the whole holds. Not in the paper; only informative when the context block "
+        "is well short of the whole input (`masker.context_scale`). 0 turns it off.")
 
 
 class TrainConfig(Section):

@@ -88,9 +88,14 @@ class JEPA(nn.Module):
         cfg = self.loss_cfg
         loss = regression_loss(pred, target, valid, cfg.kind, cfg.p, cfg.beta)
         extra = {}
+        if cfg.variance_weight or cfg.covariance_weight or cfg.global_weight:
+            pooled_context = _masked_mean(z, context_valid)
         if cfg.variance_weight or cfg.covariance_weight:
-            extra["loss_var"], extra["loss_cov"] = variance_covariance(_masked_mean(z, context_valid))
+            extra["loss_var"], extra["loss_cov"] = variance_covariance(pooled_context)
             loss = loss + cfg.variance_weight * extra["loss_var"] + cfg.covariance_weight * extra["loss_cov"]
+        if cfg.global_weight:  # the context's pooled output regresses the target encoder's, of the whole input
+            extra["loss_global"] = (pooled_context - h.float().mean(dim=1)).pow(2).mean()
+            loss = loss + cfg.global_weight * extra["loss_global"]
         if not with_stats:
             return loss, {}
         with torch.no_grad():

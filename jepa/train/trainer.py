@@ -531,7 +531,7 @@ class Trainer:
             if pooled is not None:
                 pooled = self.dist.cat(pooled)
                 stats["target_std"] = pooled.std(dim=0).mean()
-            for k in ("pred_std", "loss_var", "loss_cov"):
+            for k in ("pred_std", "loss_var", "loss_cov", "loss_global"):
                 if k in stats:
                     stats[k] = self.dist.mean(stats[k].float().clone())
         self._sync_skips()
