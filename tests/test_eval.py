@@ -63,6 +63,19 @@ def test_low_shot_knn_and_attentive(run, small_data):
     assert att["kind"] == "attentive" and 0 < att["top1"] <= 1
 
 
+def test_attentive_probe_trains_in_the_asked_precision_on_any_machine(run, small_data, monkeypatch):
+    import jepa.eval.features
+    import jepa.eval.run
+
+    fp32 = probe(run, small_data, kind="attentive", epochs=1)
+    for module in (jepa.eval.features, jepa.eval.run):  # as on a CPU or GPU with fast bf16 units
+        monkeypatch.setattr(module, "fast_bf16", lambda device: True, raising=False)
+    same = probe(run, small_data, kind="attentive", epochs=1)
+    assert (same["precision"], same["top1"], same["val_top1"]) == ("fp32", fp32["top1"], fp32["val_top1"])
+    auto = probe(run, small_data, kind="attentive", epochs=1, precision="auto")
+    assert auto["precision"] == "bf16"
+
+
 def _png(w, h, color):
     buf = io.BytesIO()
     Image.new("RGB", (w, h), color).save(buf, "PNG")

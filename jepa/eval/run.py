@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import JepaError
-from .features import PRECISION_HELP, Features, cached_features, check_pool, fast_bf16, use_bf16
+from .features import PRECISION_HELP, Features, cached_features, check_pool, use_bf16
 
 
 class ProbeSettings(BaseModel):
@@ -87,12 +87,12 @@ def run_probe(s: ProbeSettings) -> dict:
         res = attentive_probe(train.tokens[idx], ty, test.tokens, test.labels, num_classes,
                               lrs=tuple(s.lrs), weight_decays=tuple(s.attentive_weight_decays), epochs=s.epochs,
                               val_fraction=s.val_fraction, seed=s.seed, device=str(model.device),
-                              bf16=fast_bf16(model.device))
+                              bf16=use_bf16(s.precision, model.device))  # the head too: fp32 unless asked
     result = {
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),
         "effective_rank": effective_rank(tx), "which": s.which, "layers": s.layers, "pool": s.pool,
-        "precision": "bf16" if use_bf16(s.precision, model.device) else "fp32",  # what the features were computed in
+        "precision": "bf16" if use_bf16(s.precision, model.device) else "fp32",  # features (and an attentive head)
         "fraction": s.fraction,
         "seed": s.seed, "checkpoint": str(model.path), "train": s.train, "test": s.test, "grid": res.grid,
         "skipped": {"train": dict(train.skipped), "test": dict(test.skipped)},
