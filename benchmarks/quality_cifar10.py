@@ -169,6 +169,9 @@ machine B (2 AVX2 cores, no bf16 units) unless noted:
 | Xavier, lr 1e-3, warm-up 200, VICReg terms (`variance_weight` 1, `covariance_weight` 0.04); bf16 on machine C (2 cores with AMX), the run above this table and now the recipe | 2,000 | 45.9% (45.4%) | **41.9%** (28.6%) | 25.0 minutes at about 175 samples/s, 8.5 epochs; rank 133; online k-NN 34.1% at step 250, 38.8% at 750, then 35-36% |
 | the recipe with `optim.lr = 2e-3`, bf16 on machine D (2 AVX512-BF16 cores) | 1,375 of 1,600 | | | stopped at step 1,375: online k-NN 34.4% at step 400, 20.0% at 800, 19.4% at 1,200; no collapse (rank 60-64), but the loss rose 0.77 -> 1.0 while the prediction std fell 0.61 -> 0.30 and the target std rose 0.45 -> 0.90: the predictor lost track of drifting targets |
 | the recipe with `optim.lr = 5e-4`, bf16 on machine D | 1,800 | 45.7% (45.3%) | 41.4% (28.6%) | 28.8 minutes at 116-159 samples/s (10th-90th percentile of the log intervals; median 134); rank 102; last 4 blocks 50.3% (45.6%); online k-NN 33.7% at step 300, 37.2% at 600, then 35.0, 33.3 and 33.5%: the same mid-run peak and decline as at lr 1e-3, so the learning rate is not what caps the probes |
+| the recipe (then) with `masker.context_scale = [0.4, 0.6]`: a context block of 40-60% of the grid, about 15 context tokens once the targets are out (30 with the default 0.85-1.0); fp32 on machine E (2 AVX2 cores) | 800 | 43.2% (45.4%) | 37.5% (28.6%) | 26.2 minutes; rank 79; last 4 blocks 47.3%; a smaller context alone lowers the linear probe |
+| the same with `loss.global_weight = 1`: the pooled context output also regresses the target encoder's pooled output of the whole image; fp32 on machine E, **now the recipe** | 800 | **49.4%** (45.4%) | 34.2% (28.6%) | 25.8 minutes at 67-80 samples/s; rank 28.5; linear train 50.2%; last 4 blocks 51.6% (46.1%); **+3.9 points** on the last block, +6.2 over the same context without the term; online k-NN 28.4% at step 400, 31.1% at 800 |
+| the same with `loss.global_weight = 3` | 800 | 45.9% (45.4%) | 28.5% (28.6%) | 27.8 minutes; rank 11.3; last 4 blocks 48.0%: the term dominates (0.071 at step 25, 0.027 at 800) and the features fold onto a few directions |
 
 Short proxies (2 shards = 6,000 train / 2,500 test images, same probes; random init of the patch-4
 encoder: 40.8% linear / 24.6% k-NN; of the patch-8 encoder: 35.4% / 26.6%), Xavier, lr 1e-3:
@@ -207,7 +210,7 @@ test images (random init: 40.1% linear, 39.0% on the last 4 blocks, 24.0% k-NN):
 | `masker.num_targets = 2`, `masker.target_scale = [0.2, 0.3]` | 39.7% | 42.7% | 26.9% | 21.0 |
 | `masker.context_scale = [0.5, 0.7]` | 40.2% | 42.2% | 26.8% | 22.7 |
 | `model.predictor_depth = 2` | 40.2% | 40.0% | 27.6% | 21.4 |
-| a global term, weight 1: the context's pooled output regresses the whole image's pooled target (not kept) | 40.4% | 41.5% | 25.0% | 11.2 |
+| a global term, weight 1: the context's pooled output regresses the whole image's pooled target (`loss.global_weight = 1`, default context) | 40.4% | 41.5% | 25.0% | 11.2 |
 
 With 3,000 probe-training images the linear probes overfit (train top-1 50-59%), so 1-2 points are
 noise; no change moves the last-block probe more than 0.3 points from random init. The global term
@@ -222,12 +225,27 @@ against a random one.
 **k-NN measures geometry as much as learning** (machine E, 2 AVX2 cores, fp32; the benchmark's
 `probes()` now adds k-NN on PCA-whitened features, the whitening fitted on the 30k training features).
 Whitening the random-init encoder's features lifts its k-NN from 28.6% to **47.9%** (last block; 51.6%
-for the last 4 blocks), above I-JEPA's 41.9% and raw pixels' 44.0%; standardising each channel alone
-gives 29.1%. The random features hold the information, spread over directions of tiny variance that
-cosine similarity ignores. A linear probe is nearly invariant to such a change of basis, and it puts
-I-JEPA within 0.5 points of random init: what the VICReg terms bought in k-NN (+13.3 points) is mostly
-a whiter geometry, not class information that random features lack. So the k-NN bar (above 32.3%) is
-met by the protocol but is not evidence of learning; the linear bar is the one that tests it."""
+for the last 4 blocks), above the 41.9% of the earlier recipe's 2,000-step run and raw pixels' 44.0%;
+standardising each channel alone gives 29.1%. The random features hold the information, spread over
+directions of tiny variance that cosine similarity ignores. A linear probe is nearly invariant to such a
+change of basis, and it put that run within 0.5 points of random init: what the VICReg terms bought in
+k-NN (+13.3 points) is mostly a whiter geometry, not class information that random features lack. So the
+k-NN bar (above 32.3%) is met by the protocol but is not evidence of learning; the linear bar is the one
+that tests it.
+
+**A standing global task** (machine E, fp32, 800 steps of batch 128 each, full protocol; the last three
+rows of the first table). The global term asks the visible part of an image for the target encoder's pooled view of the
+whole of it. With the default context block (85-100% of the grid, about 30 of the 64 tokens once the
+targets are out) it is nearly met from the start (the quick proxy above). With a 40-60% block, about 15
+tokens, it stays near 0.11 through the run at weight 1 (0.117 at step 25, 0.108 at step 400): a task
+like the crop invariance of BYOL or VICReg, with the EMA target's view of the whole image in place of a
+second augmented view, so no augmentation is added. Together the two changes give the first last-block
+linear probe clearly above random init: 49.4% against 45.4% (+3.9 points; the last 4 blocks 51.6%
+against 46.1%), with linear train accuracy 50.2%, so the probe is not overfitting. The k-NN falls to
+34.2%, still above the reference's 32.3%, with the effective rank (28.5). The small context without the
+term gives 43.2%. At weight 3 the term dominates and the linear probe is back at random init. This is
+still 4 points short of the +8 bar. The recipe's 2,000 steps, about 25 minutes where bf16 units exist,
+were not run with these settings."""
 
 
 def verdict(result: dict) -> str:
@@ -249,6 +267,7 @@ def write_docs(result: dict, path: Path) -> None:
     if f"ijepa_last{LAST_N}" in result:
         rows[2:2] = [(f"I-JEPA, last {LAST_N} blocks concatenated", result[f"ijepa_last{LAST_N}"]),
                      (f"random init, last {LAST_N} blocks", result[f"random_init_last{LAST_N}"])]
+    white = all("knn_whitened_top1" in r for _, r in rows)  # results written before it was added lack it
     lines = ["## CIFAR-10 quality benchmark (`benchmarks/quality_cifar10.py`)", "",
              f"Pretraining: `{result['recipe']}` with {' '.join(f'`{o}`' for o in result['overrides']) or 'no overrides'}, "
              f"**{result['steps']} steps in {result['pretrain_minutes']:.1f} minutes** (including the online k-NN "
@@ -257,12 +276,13 @@ def write_docs(result: dict, path: Path) -> None:
              "the last 4 blocks concatenated), extracted in fp32, of all 30,000 training and 10,000 test "
              "images: a converged multinomial logistic regression (L-BFGS, weight decay chosen on a 10% validation "
              "split, then refit) and weighted k-NN (k = 20, cosine, T = 0.07).", "",
-             "| features | linear top-1 | linear train top-1 | k-NN top-1 | k-NN, whitened features | effective rank |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| features | linear top-1 | linear train top-1 | k-NN top-1 | "
+             + ("k-NN, whitened features | " if white else "") + "effective rank |",
+             "| --- " * (6 if white else 5) + "|"]
     for name, r in rows:
-        white = f"{100 * r['knn_whitened_top1']:.1f}%" if "knn_whitened_top1" in r else ""  # older results lack it
         lines.append(f"| {name} | {100 * r['linear_top1']:.1f}% | {100 * r['linear_train_top1']:.1f}% | "
-                     f"{100 * r['knn_top1']:.1f}% | {white} | {r['effective_rank']:.1f} / {r['feature_dim']} |")
+                     f"{100 * r['knn_top1']:.1f}% | " + (f"{100 * r['knn_whitened_top1']:.1f}% | " if white else "")
+                     + f"{r['effective_rank']:.1f} / {r['feature_dim']} |")
     lines += ["", verdict(result), "",
               "For scale (measured by the issue's author on a 2-core machine with bf16 units, same probes): the "
               "reference I-JEPA implementation with this encoder, batch 128, 2,200 steps in 27 minutes in bf16 "

@@ -142,7 +142,8 @@ class LossConfig(Section):
         0.0, ge=0, description="Weight of a global term: the mean squared distance between the context encoder's "
         "pooled output and the target encoder's pooled output of the whole input (no gradient), so the visible "
         "part must already say what the whole holds. Not in the paper; only informative when the context block "
-        "is well short of the whole input (`masker.context_scale`). 0 turns it off.")
+        "is well short of the whole input (`masker.context_scale`): on CIFAR-10, with a 40-60% context block, weight 1 "
+        "lifted the last-block linear probe from 43.2% to 49.4% (docs/results.md). 0 turns it off.")
 
 
 class TrainConfig(Section):
