@@ -107,9 +107,8 @@ def fast_bf16(device: torch.device) -> bool:
 
 PRECISION_HELP = ("Feature extraction (and attentive-probe training) precision: `fp32` (default), `bf16` autocast, "
                   "or `auto` (bf16 where the hardware has fast bf16 units). bf16 is faster but rounds away "
-                  "low-variance directions: on "
-                  "CIFAR-10 it cost a random-init encoder's linear probe 2.9 points (45.4% -> 42.5%) and a trained "
-                  "one none, so it biases comparisons.")
+                  "low-variance directions: on CIFAR-10 it cost a random-init encoder's linear probe 2.9 points "
+                  "(45.4% -> 42.5%) and a trained one none, so it biases comparisons.")
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
