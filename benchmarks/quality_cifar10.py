@@ -234,18 +234,18 @@ k-NN bar (above 32.3%) is met by the protocol but is not evidence of learning; t
 that tests it.
 
 **A standing global task** (machine E, fp32, 800 steps of batch 128 each, full protocol; the last three
-rows of the first table). The global term asks the visible part of an image for the target encoder's pooled view of the
-whole of it. With the default context block (85-100% of the grid, about 30 of the 64 tokens once the
-targets are out) it is nearly met from the start (the quick proxy above). With a 40-60% block, about 15
-tokens, it stays near 0.11 through the run at weight 1 (0.117 at step 25, 0.108 at step 400): a task
-like the crop invariance of BYOL or VICReg, with the EMA target's view of the whole image in place of a
-second augmented view, so no augmentation is added. Together the two changes give the first last-block
-linear probe clearly above random init: 49.4% against 45.4% (+3.9 points; the last 4 blocks 51.6%
-against 46.1%), with linear train accuracy 50.2%, so the probe is not overfitting. The k-NN falls to
-34.2%, still above the reference's 32.3%, with the effective rank (28.5). The small context without the
-term gives 43.2%. At weight 3 the term dominates and the linear probe is back at random init. This is
-still 4 points short of the +8 bar. The recipe's 2,000 steps, about 25 minutes where bf16 units exist,
-were not run with these settings."""
+rows of the first table). The global term asks the visible part of an image for the target encoder's
+pooled view of the whole of it. With the default context block (85-100% of the grid, about 30 of the 64
+tokens once the targets are out) it is nearly met from the start (the quick proxy above). With a 40-60%
+block, about 15 tokens, it stays near 0.11 through the run at weight 1 (0.117 at step 25, 0.108 at step
+400): a task like the crop invariance of BYOL or VICReg, with the EMA target's view of the whole image
+in place of a second augmented view, so no augmentation is added. Together the two changes give the
+first last-block linear probe clearly above random init: 49.4% against 45.4% (+3.9 points; the last 4
+blocks 51.6% against 46.1%), with linear train accuracy 50.2%, so the probe is not overfitting. The k-NN
+falls to 34.2%, still above the reference's 32.3%, with the effective rank (28.5). The small context
+without the term gives 43.2%. At weight 3 the term dominates and the linear probe is back at random
+init. This is still about 4 points short of the +8 bar. The recipe's 2,000 steps, about 25 minutes where bf16
+units exist, were not run with these settings."""
 
 
 def verdict(result: dict) -> str:
