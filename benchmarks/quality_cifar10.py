@@ -244,8 +244,8 @@ first last-block linear probe clearly above random init: 49.4% against 45.4% (+3
 blocks 51.6% against 46.1%), with linear train accuracy 50.2%, so the probe is not overfitting. The k-NN
 falls to 34.2%, still above the reference's 32.3%, with the effective rank (28.5). The small context
 without the term gives 43.2%. At weight 3 the term dominates and the linear probe is back at random
-init. This is still about 4 points short of the +8 bar. The recipe's 2,000 steps, about 25 minutes where bf16
-units exist, were not run with these settings."""
+init. This is still about 4 points short of the +8 bar. The recipe's 2,000 steps, about 25 minutes where
+bf16 units exist, were not run with these settings."""
 
 
 def verdict(result: dict) -> str:

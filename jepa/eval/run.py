@@ -67,6 +67,7 @@ def run_probe(s: ProbeSettings) -> dict:
     start = time.perf_counter()
     model = load(s.checkpoint, device=str(pick_device(s.device)))
     model.network(s.which)
+    bf16 = use_bf16(s.precision, model.device)  # features, and an attentive head: fp32 unless asked
     cache = Path(s.out) / "cache" if s.out else None
     tokens = s.kind == "attentive"
     size = (s.input_size[0] if len(s.input_size) == 1 else s.input_size) if s.input_size else None
@@ -87,12 +88,12 @@ def run_probe(s: ProbeSettings) -> dict:
         res = attentive_probe(train.tokens[idx], ty, test.tokens, test.labels, num_classes,
                               lrs=tuple(s.lrs), weight_decays=tuple(s.attentive_weight_decays), epochs=s.epochs,
                               val_fraction=s.val_fraction, seed=s.seed, device=str(model.device),
-                              bf16=use_bf16(s.precision, model.device))  # the head too: fp32 unless asked
+                              bf16=bf16)
     result = {
         "kind": res.kind, "top1": res.top1, "top5": res.top5, "val_top1": res.val_top1, "train_top1": res.train_top1,
         "chosen": res.chosen, "n_train": int(len(ty)), "n_test": int(len(test)), "feature_dim": int(tx.shape[1]),
         "effective_rank": effective_rank(tx), "which": s.which, "layers": s.layers, "pool": s.pool,
-        "precision": "bf16" if use_bf16(s.precision, model.device) else "fp32",  # features (and an attentive head)
+        "precision": "bf16" if bf16 else "fp32",
         "fraction": s.fraction,
         "seed": s.seed, "checkpoint": str(model.path), "train": s.train, "test": s.test, "grid": res.grid,
         "skipped": {"train": dict(train.skipped), "test": dict(test.skipped)},
