@@ -109,3 +109,14 @@ def test_cifar_whitening_gives_the_training_features_identity_covariance(monkeyp
     wtrain, wtest = quality_cifar10.whitened(train, train[:10])
     torch.testing.assert_close(torch.cov(wtrain.double().T), torch.eye(6, dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(wtest, wtrain[:10])  # test features go through the map fitted on train
+
+
+def test_cifar_budget_becomes_whole_log_intervals_of_the_step_measured_here(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality_cifar10
+
+    assert quality_cifar10.steps_for(100.0, 0.3) == 325  # 333 steps fit: cut to whole log intervals of 25
+    assert quality_cifar10.steps_for(1.0, 0.3) == 25  # never none
+    tiny = ['model.size="vit_test"', "model.depth=2", "data.batch_size=8"]  # the recipe's step, made small
+    steps, seconds = quality_cifar10.calibrated_steps(2.0, tiny, timed=3)
+    assert 0 < seconds < 5 and steps == quality_cifar10.steps_for(2.0 * 60 * 0.85, seconds)
