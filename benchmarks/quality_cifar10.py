@@ -86,21 +86,15 @@ def steps_for(budget_s: float, seconds_per_step: float, multiple: int = 25) -> i
 def calibrated_steps(minutes: float, overrides: list[str], share: float = 0.85, timed: int = 8) -> tuple[int, float]:
     """Pretraining steps that fit ``minutes`` on this machine, and the measured seconds per step.
 
-    Times the recipe's own optimizer step (``benchmarks/train_step.py``: same model, masks, batch and
-    precision, synthetic images) over ``timed`` steps after 3 warm-up ones. ``share`` of the budget goes
-    to those steps; the rest is for what the loop adds: decoding, logging, the online monitor and
+    Times the recipe's own optimizer step with ``benchmarks/train_step.py`` (same model, masks, batch and
+    precision, synthetic images; median of ``timed`` steps after its warm-up). ``share`` of the budget
+    goes to those steps; the rest is for what the loop adds: decoding, logging, the online monitor and
     checkpoints (about 12% in the recipe's 800-step runs)."""
     import train_step  # benchmarks/train_step.py
 
-    b = train_step.build(argparse.Namespace(recipe="image_cifar10_cpu", set=overrides, precision=None,
-                                            attention=None, threads=None, warmup=3, steps=timed, no_guard=False))
-    times = []
-    for step in range(3 + timed):
-        t = time.perf_counter()
-        b.train_step(step)
-        if step >= 3:
-            times.append(time.perf_counter() - t)
-    seconds = sorted(times)[len(times) // 2]
+    sets = [a for o in overrides for a in ("--set", o)]
+    timing = train_step.run(train_step.parse_args(["image_cifar10_cpu", "--steps", str(timed), *sets]))
+    seconds = timing["ms_per_step"] / 1e3
     return steps_for(minutes * 60 * share, seconds), seconds
 
 
