@@ -201,6 +201,8 @@ machine B (2 AVX2 cores, no bf16 units) unless noted:
 | the recipe with `loss.global_weight = 2` and a residual MLP head (hidden 384, starting as the identity; a patch, not kept) from the pooled context to the global target, as BYOL's predictor | 800 | 47.4% (45.4%) | 31.2% (28.6%) | 29.5 minutes; rank 18.9; the head meets the term at once (0.063 at step 25, 0.031 at 250, against 0.11 throughout without it), so it no longer shapes the features |
 | the recipe with `ema.momentum = 0.99` (the target follows faster; 1.0 at the end as before) | 800 | 49.6% (45.4%) | 40.2% (28.6%) | 31.9 minutes in a slower hour of machine E (54-62 samples/s, 67-80 for the recipe's run); rank 40.1; last 4 blocks 52.0% (46.1%); online k-NN 31.3% at step 400, 35.1% at 800: a wider, better-clustered embedding, the same linear probe |
 | the same with `model.predictor_joint = true` (one predictor sequence per sample), **now the recipe** | 800 | **49.6%** (45.4%) | **40.0%** (28.6%) | 24.8 minutes at 62-84 samples/s; rank 40.1; linear train 51.3%; last 4 blocks 52.1% (46.1%); online k-NN 31.2% at step 400, 36.0% at 800; the trajectory follows the run above (loss within 0.01, effective rank within 0.3 at every logged step) |
+| the recipe with a colour-distorted context view (SimCLR's colour jitter at strength 0.5 with probability 0.8, then grayscale with probability 0.2, on the context encoder's copy of the crop only; a patch, not kept); bf16 on machine D (2 AVX512-BF16 cores) | 800 | 48.7% (45.3%) | 41.3% (28.6%) | 6.2 minutes at 290-315 samples/s; rank 41.0; last 4 blocks 51.1% (45.6%); within a point of the recipe's 49.6% without it: colour invariance adds nothing to the linear probe at this length |
+| the recipe, bf16 on machine D, as many steps as the benchmark's calibration then fitted into 30 minutes (85% of the budget over the median of 8 timed steps) | 4,025 | **53.5%** (45.3%) | **48.4%** (28.6%) | 30.1 minutes at 240-344 samples/s: 6 s over the budget, so the calibration now takes the mean of 16 steps and 80%; rank 66.1; linear train 55.8%; last 4 blocks 56.4% (45.6%); online k-NN 36.4% at step 500, 40.3% at 1,000, 42.7% at 2,000, 43.5% at 4,000; **+8.2 points**: the 800-step runs above were short of steps, not of a setting |
 
 Short proxies (2 shards = 6,000 train / 2,500 test images, same probes; random init of the patch-4
 encoder: 40.8% linear / 24.6% k-NN; of the patch-8 encoder: 35.4% / 26.6%), Xavier, lr 1e-3:
@@ -283,7 +285,20 @@ meet the term, and the probe falls to 47.4%. EMA 0.99 instead of 0.996 leaves th
 was (49.6%) but widens the embedding (rank 40 against 28.5) and lifts k-NN to 40.2%, whitened k-NN
 49.7% (random init 47.9%). The joint predictor gives the same run, step for step, for less compute per
 step; the recipe now has both. The linear probe has stayed at 49.4-49.6% through these changes, +4.1
-points at best."""
+points at best.
+
+**More steps, not another setting** (machine D: 2 AMD EPYC cores with AVX512-BF16, no AMX; bf16; the
+last two rows of the first table). The joint predictor and the 40-60% context block brought the bf16
+step there to about 0.35-0.40 s, so 30 minutes now hold about 3,800-4,000 steps of batch 128 (16-17
+passes over the 30k images), where a 2-core AVX2 machine in fp32 holds about 800. The unchanged recipe
+at 4,025 steps reached 53.5% linear against 45.3% for random init (+8.2 points; the last 4 blocks 56.4%
+against 45.6%), k-NN 48.4% (raw pixels 44.0%) and whitened k-NN 53.5% (random init 47.9%), with rank 66.
+Its online k-NN kept rising to the end (36.4% at step 500, 43.5% at 4,000), where the VICReg-only
+recipe's had peaked mid-run. A colour-distorted context view (SimCLR's jitter on the context encoder's
+copy only) gave 48.7% at 800 steps, within a point of the recipe without it, and was not kept. On an
+AVX2-only machine the same 30 minutes give the 800-step figure, 49.6%, and the bar is not reached there.
+The table at the top is the run after the calibration change: 3,775 steps in 29.0 minutes, 53.4% linear
+(+8.1 points) and 48.0% k-NN, so the bar holds by a small margin within the budget."""
 
 
 def verdict(result: dict) -> str:
