@@ -83,16 +83,19 @@ def steps_for(budget_s: float, seconds_per_step: float, multiple: int = 25) -> i
     return max(multiple, int(budget_s / seconds_per_step) // multiple * multiple)
 
 
-def calibrated_steps(minutes: float, overrides: list[str], share: float = 0.8, timed: int = 16) -> tuple[int, float]:
+#: Share of --minutes given to the timed step; the rest is for what the loop adds (decoding, logging, the
+#: online monitor, checkpoints) and the host's drift: at 0.85 of the median step a 4,025-step bf16 run on
+#: machine D averaged 0.445 s a step against 0.380 s timed before it and took 30.1 minutes.
+BUDGET_SHARE = 0.8
+
+
+def calibrated_steps(minutes: float, overrides: list[str], share: float = BUDGET_SHARE,
+                     timed: int = 16) -> tuple[int, float]:
     """Pretraining steps that fit ``minutes`` on this machine, and the measured seconds per step.
 
     Times the recipe's own optimizer step with ``benchmarks/train_step.py`` (same model, masks, batch and
-    precision, synthetic images; the mean of ``timed`` steps after its warm-up, since a run's time is
-    their sum and the step time varies with the masks). ``share`` of the budget goes to those steps; the
-    rest is for what the loop adds (decoding, logging, the online monitor, checkpoints) and for the
-    host's drift within the run: a 4,025-step bf16 run on machine D, calibrated on the median of 8
-    steps with a share of 0.85, averaged 0.445 s a step against the 0.380 s (mean 0.402 s) timed before
-    it, and took 30.1 minutes; two timings minutes apart on that machine gave means of 0.402 and 0.346 s.
+    precision, synthetic images) and takes the mean of ``timed`` steps after its warm-up, since a run's
+    time is their sum and the step time varies with the masks; ``share`` of the budget goes to them.
     """
     import train_step  # benchmarks/train_step.py
 

@@ -119,4 +119,4 @@ def test_cifar_budget_becomes_whole_log_intervals_of_the_step_measured_here(monk
     assert quality_cifar10.steps_for(1.0, 0.3) == 25  # never none
     tiny = ['model.size="vit_test"', "model.depth=2", "data.batch_size=8"]  # the recipe's step, made small
     steps, seconds = quality_cifar10.calibrated_steps(2.0, tiny, timed=3)
-    assert 0 < seconds < 5 and steps == quality_cifar10.steps_for(2.0 * 60 * 0.8, seconds)
+    assert 0 < seconds < 5 and steps == quality_cifar10.steps_for(2.0 * 60 * quality_cifar10.BUDGET_SHARE, seconds)
